@@ -1,0 +1,12 @@
+//! blindgate: an edge gateway that forwards devices' end-to-end encrypted (E3) MQTT
+//! messages to the cloud over mutual TLS 1.3, with a durable store-and-forward queue.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line (one binary, subcommands) and its dispatch.
+//! - [`e3_tool`]: `blindgate e3 seal|open|keygen`, local tools over device key files.
+//!
+//! The envelope format itself lives in the workspace crate `e3`.
+
+pub mod cli;
+pub mod e3_tool;
