@@ -5,8 +5,10 @@
 //!
 //! - [`cli`]: the command line (one binary, subcommands) and its dispatch.
 //! - [`e3_tool`]: `blindgate e3 seal|open|keygen`, local tools over device key files.
+//! - [`queue`]: the durable store-and-forward queue (sled, group commit, caps).
 //!
 //! The envelope format itself lives in the workspace crate `e3`.
 
 pub mod cli;
 pub mod e3_tool;
+pub mod queue;
