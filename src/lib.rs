@@ -6,9 +6,13 @@
 //! - [`cli`]: the command line (one binary, subcommands) and its dispatch.
 //! - [`e3_tool`]: `blindgate e3 seal|open|keygen`, local tools over device key files.
 //! - [`queue`]: the durable store-and-forward queue (sled, group commit, caps).
+//! - [`tls`]: rustls 0.23 (ring) TLS 1.3 configs: device listener, uplink client, SPKI pins, certificate identity.
+//! - [`pki`]: `blindgate certs dev`, a development PKI (two CAs and every certificate).
 //!
 //! The envelope format itself lives in the workspace crate `e3`.
 
 pub mod cli;
 pub mod e3_tool;
+pub mod pki;
 pub mod queue;
+pub mod tls;
