@@ -5,14 +5,22 @@
 //!
 //! - [`cli`]: the command line (one binary, subcommands) and its dispatch.
 //! - [`e3_tool`]: `blindgate e3 seal|open|keygen`, local tools over device key files.
+//! - [`ingress`]: the device listener (MQTT 3.1.1 over TLS 1.3, PUBACK after fsync).
 //! - [`queue`]: the durable store-and-forward queue (sled, group commit, caps).
 //! - [`tls`]: rustls 0.23 (ring) TLS 1.3 configs: device listener, uplink client, SPKI pins, certificate identity.
 //! - [`pki`]: `blindgate certs dev`, a development PKI (two CAs and every certificate).
+//! - [`metrics`]: every Prometheus metric, with closed label sets.
+//! - [`topics`]: MQTT topic templates (`e3/{device_id}/up`, ...).
+//! - [`log_limit`]: rate-limited logging of repeated problems.
 //!
 //! The envelope format itself lives in the workspace crate `e3`.
 
 pub mod cli;
 pub mod e3_tool;
+pub mod ingress;
+pub mod log_limit;
+pub mod metrics;
 pub mod pki;
 pub mod queue;
 pub mod tls;
+pub mod topics;

@@ -1,0 +1,239 @@
+//! The device listener: MQTT 3.1.1 over TLS 1.3 with client certificates (and, for the
+//! lab only, plain TCP), built on `rumqttc::mqttbytes` (see docs/ARCHITECTURE.md for
+//! why not rumqttd).
+//!
+//! # Layout
+//!
+//! - `session`: one connection's MQTT state machine; PUBACK only after the queue's fsync.
+//! - `registry`: which device is connected where; downlink buffering.
+//! - `validate`: the E3 header checks a keyless gateway can make.
+//! - `rate`: the per-device token bucket.
+
+mod rate;
+pub mod registry;
+mod session;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::log_limit::LogLimiter;
+use crate::metrics::{Metrics, Rejection};
+use crate::queue::Queue;
+use crate::topics::TopicTemplate;
+pub use registry::DeviceRegistry;
+
+/// Limits and topics of the device listener.
+#[derive(Debug, Clone)]
+pub struct IngressSettings {
+    /// Where devices publish: `e3/{device_id}/up` by default.
+    pub up_topic: TopicTemplate,
+    /// Where devices receive commands and receipts: `e3/{device_id}/down`.
+    pub down_topic: TopicTemplate,
+    /// Largest E3 envelope accepted.
+    pub max_envelope: usize,
+    /// Largest MQTT packet read (envelope plus topic and header overhead); a larger
+    /// one is refused from its fixed header, before its payload is buffered.
+    pub max_packet: usize,
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Publishes per connection waiting for the queue before reading pauses.
+    pub max_inflight: usize,
+    /// Messages per second per device (0: unlimited).
+    pub rate_per_sec: u32,
+    /// Burst allowance per device.
+    pub rate_burst: u32,
+    /// Deadline for the TLS handshake and the CONNECT.
+    pub connect_timeout: Duration,
+    /// Envelope bytes held in memory across all connections while waiting for the queue.
+    pub inflight_bytes: usize,
+}
+
+/// Who is on the other end of a connection.
+pub(crate) enum Identity {
+    /// Identities from a verified client certificate (CN, then SAN DNS names).
+    Certificate(Vec<String>),
+    /// Plain listener (lab only): the MQTT client id is taken at its word.
+    ClientId,
+}
+
+impl Identity {
+    /// The device id for this connection: the client id if the certificate names it,
+    /// else the certificate's first identity. Always a valid E3 device id.
+    fn device_id(&self, client_id: &str) -> Option<String> {
+        let valid = |id: &str| e3::DeviceId::new(id).is_ok();
+        match self {
+            Self::Certificate(ids) => ids
+                .iter()
+                .find(|id| *id == client_id && valid(id))
+                .or_else(|| ids.iter().find(|id| valid(id)))
+                .cloned(),
+            Self::ClientId => valid(client_id).then(|| client_id.to_owned()),
+        }
+    }
+}
+
+/// State shared by every session.
+pub(crate) struct Shared {
+    queue: Queue,
+    registry: Arc<DeviceRegistry>,
+    metrics: Metrics,
+    settings: IngressSettings,
+    log: LogLimiter,
+    inflight_bytes: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Counts a refusal and logs it, at most once per reason every 10 s.
+    fn reject(&self, reason: Rejection, what: &str) {
+        self.metrics.reject(reason);
+        if let Some(suppressed) = self.log.check(reason.as_str()) {
+            tracing::warn!(reason = reason.as_str(), suppressed, "{what}");
+        }
+    }
+}
+
+/// The device listener; serve one or more sockets with it.
+#[derive(Clone)]
+pub struct Ingress {
+    shared: Arc<Shared>,
+    connections: Arc<Semaphore>,
+}
+
+impl Ingress {
+    /// Builds the listener's shared state.
+    pub fn new(
+        settings: IngressSettings,
+        queue: Queue,
+        registry: Arc<DeviceRegistry>,
+        metrics: Metrics,
+    ) -> Self {
+        let connections = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+        let inflight = settings
+            .inflight_bytes
+            .clamp(settings.max_envelope, u32::MAX as usize);
+        Self {
+            shared: Arc::new(Shared {
+                queue,
+                registry,
+                metrics,
+                log: LogLimiter::new(Duration::from_secs(10)),
+                inflight_bytes: Arc::new(Semaphore::new(inflight)),
+                settings,
+            }),
+            connections,
+        }
+    }
+
+    /// Accepts TLS connections until `shutdown`, then waits for every session to finish
+    /// its pending queue writes (each session drains for at most a few seconds).
+    pub async fn serve_tls(
+        &self,
+        listener: TcpListener,
+        tls: Arc<ServerConfig>,
+        shutdown: CancellationToken,
+    ) {
+        let acceptor = TlsAcceptor::from(tls);
+        self.accept_loop(listener, shutdown, move |ingress, tcp, peer, stop| {
+            let acceptor = acceptor.clone();
+            async move { ingress.handle_tls(acceptor, tcp, peer, stop).await }
+        })
+        .await;
+    }
+
+    /// Accepts plain MQTT connections (lab use; identity is the client id).
+    pub async fn serve_plain(&self, listener: TcpListener, shutdown: CancellationToken) {
+        self.accept_loop(listener, shutdown, |ingress, tcp, _peer, stop| async move {
+            session::run(ingress.shared, tcp, Identity::ClientId, stop).await;
+        })
+        .await;
+    }
+
+    async fn accept_loop<F, Fut>(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        handle: F,
+    ) where
+        F: Fn(Self, TcpStream, SocketAddr, CancellationToken) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let tracker = TaskTracker::new();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
+                self.shared.reject(
+                    Rejection::ConnectionLimit,
+                    "connection limit reached; closing new connection",
+                );
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let task = handle(self.clone(), tcp, peer, shutdown.clone());
+            tracker.spawn(async move {
+                task.await;
+                drop(permit);
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    async fn handle_tls(
+        self,
+        acceptor: TlsAcceptor,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) {
+        let deadline = self.shared.settings.connect_timeout;
+        let stream = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                self.shared.metrics.reject(Rejection::TlsHandshake);
+                if let Some(suppressed) = self.shared.log.check(Rejection::TlsHandshake.as_str()) {
+                    tracing::warn!(%peer, error = %err, suppressed, "device TLS handshake failed");
+                }
+                return;
+            }
+            Err(_) => {
+                self.shared
+                    .reject(Rejection::TlsHandshake, "device TLS handshake timed out");
+                return;
+            }
+        };
+        let identities = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|cert| crate::tls::certificate_identities(cert).ok())
+            .unwrap_or_default();
+        session::run(
+            self.shared,
+            stream,
+            Identity::Certificate(identities),
+            shutdown,
+        )
+        .await;
+    }
+}

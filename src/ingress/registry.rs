@@ -1,0 +1,229 @@
+//! Which device is connected where, and the downlink messages waiting for each.
+//!
+//! One session per device: a new connection with the same identity takes over and the
+//! old one is closed (as MQTT requires for a client id). A command or receipt for a
+//! device that is connected and subscribed goes straight to its session; otherwise it
+//! waits in a bounded per-device buffer (oldest dropped and counted when full) and is
+//! delivered after the device subscribes again. Messages a session had not got a
+//! PUBACK for when it ended go back to the front of the buffer.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{DownlinkDrop, Metrics};
+
+/// Downlink messages buffered per session channel; more wait in the registry.
+const SESSION_CHANNEL: usize = 16;
+
+/// What a new session gets from the registry.
+pub struct SessionSlot {
+    /// Identifies this session to the registry (takeover and unregister).
+    pub session: u64,
+    /// Downlink messages for this device, once it subscribed.
+    pub downlink: mpsc::Receiver<Bytes>,
+    /// Cancelled when another connection takes the device over.
+    pub kicked: CancellationToken,
+}
+
+struct Entry {
+    session: Option<Live>,
+    pending: VecDeque<Bytes>,
+}
+
+struct Live {
+    id: u64,
+    tx: mpsc::Sender<Bytes>,
+    kicked: CancellationToken,
+    subscribed: bool,
+}
+
+/// The registry of connected devices; shared by every session and the uplink.
+pub struct DeviceRegistry {
+    state: Mutex<State>,
+    pending_limit: usize,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct State {
+    devices: HashMap<String, Entry>,
+    next_session: u64,
+}
+
+impl DeviceRegistry {
+    /// A registry holding at most `pending_limit` messages per offline device.
+    pub fn new(pending_limit: usize, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            pending_limit: pending_limit.max(1),
+            metrics,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new session for `device`, closing any earlier one.
+    pub fn register(&self, device: &str) -> SessionSlot {
+        let (tx, downlink) = mpsc::channel(SESSION_CHANNEL);
+        let kicked = CancellationToken::new();
+        let mut state = self.state();
+        state.next_session += 1;
+        let session = state.next_session;
+        let entry = state
+            .devices
+            .entry(device.to_owned())
+            .or_insert_with(|| Entry {
+                session: None,
+                pending: VecDeque::new(),
+            });
+        if let Some(old) = entry.session.replace(Live {
+            id: session,
+            tx,
+            kicked: kicked.clone(),
+            subscribed: false,
+        }) {
+            old.kicked.cancel();
+        }
+        SessionSlot {
+            session,
+            downlink,
+            kicked,
+        }
+    }
+
+    /// The session subscribed to its downlink topic: start delivering.
+    pub fn subscribed(&self, device: &str, session: u64) {
+        let mut state = self.state();
+        let Some(entry) = state.devices.get_mut(device) else {
+            return;
+        };
+        if let Some(live) = entry.session.as_mut().filter(|l| l.id == session) {
+            live.subscribed = true;
+            while let Some(message) = entry.pending.pop_front() {
+                if let Err(err) = live.tx.try_send(message) {
+                    entry.pending.push_front(err.into_inner());
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The session ended; `undelivered` (no PUBACK yet) go back to the front of the
+    /// device's buffer in their original order.
+    pub fn unregister(&self, device: &str, session: u64, undelivered: Vec<Bytes>) {
+        let mut state = self.state();
+        let Some(entry) = state.devices.get_mut(device) else {
+            return;
+        };
+        if entry.session.as_ref().is_some_and(|l| l.id == session) {
+            entry.session = None;
+        }
+        for message in undelivered.into_iter().rev() {
+            entry.pending.push_front(message);
+        }
+        while entry.pending.len() > self.pending_limit {
+            entry.pending.pop_back();
+            self.count_drop();
+        }
+        if entry.session.is_none() && entry.pending.is_empty() {
+            state.devices.remove(device);
+        }
+    }
+
+    /// Hands a command or receipt (already checked) to `device`'s session, or buffers it.
+    pub fn deliver(&self, device: &str, message: Bytes) {
+        let mut state = self.state();
+        let entry = state
+            .devices
+            .entry(device.to_owned())
+            .or_insert_with(|| Entry {
+                session: None,
+                pending: VecDeque::new(),
+            });
+        let message = match entry.session.as_ref().filter(|l| l.subscribed) {
+            Some(live) if entry.pending.is_empty() => match live.tx.try_send(message) {
+                Ok(()) => return,
+                Err(err) => err.into_inner(),
+            },
+            _ => message,
+        };
+        entry.pending.push_back(message);
+        if entry.pending.len() > self.pending_limit {
+            entry.pending.pop_front();
+            self.count_drop();
+        }
+    }
+
+    /// Moves buffered messages into the session's channel as room appears; a
+    /// subscribed session calls it after each delivery.
+    pub fn refill(&self, device: &str, session: u64) {
+        self.subscribed(device, session);
+    }
+
+    fn count_drop(&self) {
+        self.metrics
+            .downlink_dropped
+            .with_label_values(&[DownlinkDrop::PendingFull.as_str()])
+            .inc();
+        tracing::warn!("downlink buffer of an offline device is full; dropped its oldest message");
+    }
+
+    /// Messages waiting for `device`.
+    pub fn pending(&self, device: &str) -> usize {
+        self.state()
+            .devices
+            .get(device)
+            .map_or(0, |e| e.pending.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn buffers_until_subscribed_and_takes_back_undelivered() {
+        let registry = DeviceRegistry::new(3, Metrics::new());
+        registry.deliver("d", Bytes::from_static(b"1"));
+        registry.deliver("d", Bytes::from_static(b"2"));
+        let mut slot = registry.register("d");
+        assert!(slot.downlink.try_recv().is_err(), "not subscribed yet");
+        registry.subscribed("d", slot.session);
+        assert_eq!(slot.downlink.recv().await.as_deref(), Some(&b"1"[..]));
+        registry.deliver("d", Bytes::from_static(b"3"));
+        // The session ends without PUBACKs: it hands back what it sent and what is
+        // still in its channel, in order.
+        let mut undelivered = vec![Bytes::from_static(b"1")];
+        slot.downlink.close();
+        while let Ok(message) = slot.downlink.try_recv() {
+            undelivered.push(message);
+        }
+        registry.unregister("d", slot.session, undelivered);
+        assert_eq!(registry.pending("d"), 3);
+        let mut again = registry.register("d");
+        registry.subscribed("d", again.session);
+        for expected in [b"1", b"2", b"3"] {
+            assert_eq!(again.downlink.recv().await.as_deref(), Some(&expected[..]));
+        }
+    }
+
+    #[test]
+    fn a_new_session_kicks_the_old_one_and_buffer_is_bounded() {
+        let registry = DeviceRegistry::new(2, Metrics::new());
+        let first = registry.register("d");
+        let second = registry.register("d");
+        assert!(first.kicked.is_cancelled());
+        assert!(!second.kicked.is_cancelled());
+        registry.unregister("d", first.session, Vec::new());
+        for n in 0..5u8 {
+            registry.deliver("d", Bytes::from(vec![n]));
+        }
+        assert_eq!(registry.pending("d"), 2);
+    }
+}

@@ -1,0 +1,451 @@
+//! One device connection: MQTT 3.1.1 over any byte stream (TLS or, in the lab, plain).
+//!
+//! States: `ExpectConnect` (the first packet within the connect deadline), then
+//! `Connected` until the device leaves, is taken over, breaks a rule, or the gateway
+//! stops. A QoS 1 PUBLISH becomes a queue write; its PUBACK goes out only when the
+//! queue says the record is durable, in the order the publishes arrived. At most
+//! `max_inflight` writes per connection are pending; past that the session stops reading
+//! from the socket, so TCP pushes back on the device instead of the gateway buffering.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+
+use super::rate::TokenBucket;
+use super::validate::check_uplink;
+use super::{Identity, Shared};
+use crate::metrics::Rejection;
+use crate::queue::EnqueueError;
+
+/// Downlink publishes sent to a device and not yet acknowledged by it.
+const DOWNLINK_INFLIGHT: usize = 16;
+/// How long a stopping gateway waits for pending queue writes before closing.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+type StoreFuture = Pin<Box<dyn Future<Output = (u16, QoS, Outcome)> + Send>>;
+
+/// The outcome of one publish, decided before its PUBACK.
+enum Outcome {
+    /// Durable in the queue.
+    Durable,
+    /// Refused by a check; acknowledged so a poison message cannot block the device,
+    /// never forwarded.
+    Refused,
+    /// Not stored (shutdown): no PUBACK, the device will send it again.
+    Abandoned,
+}
+
+struct Conn<S> {
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
+    inbuf: BytesMut,
+    outbuf: BytesMut,
+    max_packet: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite> Conn<S> {
+    /// A complete packet from the buffer, `Ok(None)` if more bytes are needed.
+    fn try_parse(&mut self) -> Result<Option<Packet>, CodecError> {
+        match Packet::read(&mut self.inbuf, self.max_packet) {
+            Ok(packet) => Ok(Some(packet)),
+            Err(CodecError::InsufficientBytes(_)) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn read_packet(&mut self) -> Result<Packet, CodecError> {
+        loop {
+            if let Some(packet) = self.try_parse()? {
+                return Ok(packet);
+            }
+            match self.reader.read_buf(&mut self.inbuf).await {
+                Ok(0) | Err(_) => return Err(CodecError::InsufficientBytes(1)),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn queue(&mut self, packet: &Packet) {
+        // Outgoing packets are ours and small (or downlink envelopes checked earlier),
+        // so the size limit here is generous.
+        let _ = packet.write(&mut self.outbuf, usize::MAX);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.outbuf.is_empty() {
+            return Ok(());
+        }
+        self.writer.write_all(&self.outbuf).await?;
+        self.outbuf.clear();
+        self.writer.flush().await
+    }
+}
+
+/// Runs one connection to the end.
+pub(crate) async fn run<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    identity: Identity,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (reader, writer) = tokio::io::split(stream);
+    let mut conn = Conn {
+        reader,
+        writer,
+        inbuf: BytesMut::with_capacity(4096),
+        outbuf: BytesMut::with_capacity(256),
+        max_packet: shared.settings.max_packet,
+    };
+    let deadline = shared.settings.connect_timeout;
+    let connect = match timeout(deadline, conn.read_packet()).await {
+        Ok(Ok(Packet::Connect(connect))) => connect,
+        _ => {
+            shared.reject(
+                Rejection::BadConnect,
+                "no valid CONNECT within the deadline",
+            );
+            return;
+        }
+    };
+    let Some(device) = identity.device_id(&connect.client_id) else {
+        shared.reject(
+            Rejection::NoIdentity,
+            "certificate names no valid device id",
+        );
+        conn.queue(&Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::NotAuthorized,
+            false,
+        )));
+        let _ = conn.flush().await;
+        return;
+    };
+    conn.queue(&Packet::ConnAck(ConnAck::new(
+        ConnectReturnCode::Success,
+        false,
+    )));
+    if conn.flush().await.is_err() {
+        return;
+    }
+    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive)) * 3 / 2;
+    let mut session = Session::new(Arc::clone(&shared), device, keep_alive);
+    shared.metrics.connections.inc();
+    tracing::debug!(device = %session.device, "device connected");
+    session.serve(&mut conn, &shutdown).await;
+    shared.metrics.connections.dec();
+    session.finish();
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    device: Arc<str>,
+    up_topic: String,
+    down_topic: String,
+    slot: super::registry::SessionSlot,
+    subscribed: bool,
+    pending: FuturesOrdered<StoreFuture>,
+    /// Downlink publishes awaiting the device's PUBACK, in send order.
+    downlink_out: VecDeque<(u16, Bytes)>,
+    next_pkid: u16,
+    bucket: TokenBucket,
+    keep_alive: Duration,
+    last_seen: Instant,
+}
+
+/// What the packet handler wants next.
+enum Next {
+    Continue,
+    Close,
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, device: String, keep_alive: Duration) -> Self {
+        let settings = &shared.settings;
+        let slot = shared.registry.register(&device);
+        Self {
+            up_topic: settings.up_topic.render(&device),
+            down_topic: settings.down_topic.render(&device),
+            bucket: TokenBucket::new(settings.rate_per_sec, settings.rate_burst),
+            device: device.into(),
+            slot,
+            subscribed: false,
+            pending: FuturesOrdered::new(),
+            downlink_out: VecDeque::new(),
+            next_pkid: 0,
+            keep_alive,
+            last_seen: Instant::now(),
+            shared,
+        }
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        conn: &mut Conn<S>,
+        shutdown: &CancellationToken,
+    ) {
+        let max_inflight = self.shared.settings.max_inflight.max(1);
+        loop {
+            while self.pending.len() < max_inflight {
+                match conn.try_parse() {
+                    Ok(Some(packet)) => {
+                        self.last_seen = Instant::now();
+                        if let Next::Close = self.handle(conn, packet).await {
+                            let _ = conn.flush().await;
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(err) => {
+                        let reason = match err {
+                            CodecError::PayloadSizeLimitExceeded(_) => Rejection::Oversize,
+                            _ => Rejection::MalformedPacket,
+                        };
+                        self.shared
+                            .reject(reason, "undecodable MQTT packet; closing");
+                        return;
+                    }
+                }
+            }
+            if conn.flush().await.is_err() {
+                return;
+            }
+            let can_read = self.pending.len() < max_inflight;
+            let can_send = self.subscribed && self.downlink_out.len() < DOWNLINK_INFLIGHT;
+            let idle_deadline = self.last_seen + self.keep_alive;
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    self.drain(conn).await;
+                    return;
+                }
+                () = self.slot.kicked.cancelled() => {
+                    tracing::info!(device = %self.device, "device connected again elsewhere; closing this session");
+                    return;
+                }
+                Some((pkid, qos, stored)) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.settle(conn, pkid, qos, stored);
+                }
+                read = conn.reader.read_buf(&mut conn.inbuf), if can_read => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        // The device left (or the socket broke): finish what is in flight
+                        // so durable records are counted; PUBACKs cannot be sent anyway.
+                        return;
+                    }
+                }
+                Some(message) = self.slot.downlink.recv(), if can_send => {
+                    self.send_downlink(conn, message);
+                }
+                () = sleep_until(idle_deadline), if !self.keep_alive.is_zero() => {
+                    tracing::info!(device = %self.device, "keep-alive expired; closing");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Shutdown: stop reading, let the queue finish pending writes, send their PUBACKs.
+    async fn drain<S: AsyncRead + AsyncWrite>(&mut self, conn: &mut Conn<S>) {
+        let deadline = sleep(DRAIN_DEADLINE);
+        tokio::pin!(deadline);
+        while !self.pending.is_empty() {
+            tokio::select! {
+                Some((pkid, qos, stored)) = self.pending.next() => self.settle(conn, pkid, qos, stored),
+                () = &mut deadline => break,
+            }
+        }
+        let _ = conn.flush().await;
+    }
+
+    fn settle<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        conn: &mut Conn<S>,
+        pkid: u16,
+        qos: QoS,
+        stored: Outcome,
+    ) {
+        if let Outcome::Durable = stored {
+            self.shared.metrics.received.inc();
+        }
+        let acked = matches!(stored, Outcome::Durable | Outcome::Refused);
+        if acked && qos == QoS::AtLeastOnce {
+            conn.queue(&Packet::PubAck(PubAck::new(pkid)));
+        }
+    }
+
+    async fn handle<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        conn: &mut Conn<S>,
+        packet: Packet,
+    ) -> Next {
+        match packet {
+            Packet::Publish(publish) => return self.on_publish(publish).await,
+            Packet::PubAck(ack) => self.on_downlink_ack(ack.pkid),
+            Packet::Subscribe(subscribe) => {
+                let codes = subscribe
+                    .filters
+                    .iter()
+                    .map(|f| self.subscription(&f.path, f.qos))
+                    .collect();
+                conn.queue(&Packet::SubAck(SubAck::new(subscribe.pkid, codes)));
+                if self.subscribed {
+                    self.shared
+                        .registry
+                        .subscribed(&self.device, self.slot.session);
+                }
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                if unsubscribe.topics.contains(&self.down_topic) {
+                    self.subscribed = false;
+                }
+                conn.queue(&Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)));
+            }
+            Packet::PingReq => conn.queue(&Packet::PingResp),
+            Packet::Disconnect => return Next::Close,
+            Packet::Connect(_) => {
+                self.shared
+                    .reject(Rejection::MalformedPacket, "second CONNECT; closing");
+                return Next::Close;
+            }
+            // QoS 2 flow and server-only packets: not part of what a device may send here.
+            _ => {
+                self.shared.reject(
+                    Rejection::MalformedPacket,
+                    "unexpected packet type; closing",
+                );
+                return Next::Close;
+            }
+        }
+        Next::Continue
+    }
+
+    fn subscription(&mut self, filter: &str, qos: QoS) -> SubscribeReasonCode {
+        if filter == self.down_topic {
+            self.subscribed = true;
+            let granted = if qos == QoS::AtMostOnce {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            SubscribeReasonCode::Success(granted)
+        } else {
+            self.shared.reject(
+                Rejection::SubscribeNotAllowed,
+                "subscription outside the device's own downlink topic",
+            );
+            SubscribeReasonCode::Failure
+        }
+    }
+
+    async fn on_publish(&mut self, publish: Publish) -> Next {
+        if publish.qos == QoS::ExactlyOnce {
+            self.shared.reject(
+                Rejection::Qos2,
+                "QoS 2 publish; only QoS 0 and 1 are supported",
+            );
+            return Next::Close;
+        }
+        if publish.topic != self.up_topic {
+            // Publishing as another device (or anywhere else) is an authorisation
+            // failure: MQTT 3.1.1 has no negative PUBACK, so the connection is closed.
+            self.shared.reject(
+                Rejection::TopicNotAllowed,
+                "publish outside the device's own uplink topic; closing",
+            );
+            return Next::Close;
+        }
+        let wait = self.bucket.take(Instant::now());
+        if !wait.is_zero() {
+            sleep(wait).await;
+        }
+        let (pkid, qos) = (publish.pkid, publish.qos);
+        let max = self.shared.settings.max_envelope;
+        if let Err(reason) = check_uplink(&self.device, &publish.payload, max) {
+            self.shared
+                .reject(reason, "envelope refused; acknowledged and dropped");
+            self.pending
+                .push_back(Box::pin(async move { (pkid, qos, Outcome::Refused) }));
+            return Next::Continue;
+        }
+        let shared = Arc::clone(&self.shared);
+        let device = Arc::clone(&self.device);
+        self.pending.push_back(Box::pin(async move {
+            (pkid, qos, store(shared, device, publish.payload).await)
+        }));
+        Next::Continue
+    }
+
+    fn send_downlink<S: AsyncRead + AsyncWrite>(&mut self, conn: &mut Conn<S>, message: Bytes) {
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1).max(1);
+        let mut publish = Publish::new(self.down_topic.clone(), QoS::AtLeastOnce, Vec::new());
+        publish.payload = message.clone();
+        publish.pkid = self.next_pkid;
+        conn.queue(&Packet::Publish(publish));
+        self.downlink_out.push_back((self.next_pkid, message));
+    }
+
+    fn on_downlink_ack(&mut self, pkid: u16) {
+        if let Some(at) = self.downlink_out.iter().position(|(id, _)| *id == pkid) {
+            self.downlink_out.remove(at);
+            self.shared.metrics.downlink_delivered.inc();
+            self.shared.registry.refill(&self.device, self.slot.session);
+        }
+    }
+
+    /// Hands every downlink message this session still holds back to the registry.
+    fn finish(mut self) {
+        let mut undelivered: Vec<Bytes> = self.downlink_out.drain(..).map(|(_, m)| m).collect();
+        self.slot.downlink.close();
+        while let Ok(message) = self.slot.downlink.try_recv() {
+            undelivered.push(message);
+        }
+        self.shared
+            .registry
+            .unregister(&self.device, self.slot.session, undelivered);
+        tracing::debug!(device = %self.device, "device disconnected");
+    }
+}
+
+/// Stores one envelope, waiting (without acknowledging) while the queue is full, so
+/// the device keeps its data instead of being told it is stored.
+async fn store(shared: Arc<Shared>, device: Arc<str>, payload: Bytes) -> Outcome {
+    let size = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let Ok(_permit) = shared
+        .inflight_bytes
+        .clone()
+        .acquire_many_owned(size.max(1))
+        .await
+    else {
+        return Outcome::Abandoned;
+    };
+    let mut delay = Duration::from_millis(100);
+    let mut counted = false;
+    loop {
+        match shared.queue.enqueue(&device, payload.clone()).await {
+            Ok(_) => return Outcome::Durable,
+            Err(EnqueueError::Closed) => return Outcome::Abandoned,
+            Err(err) => {
+                if !counted {
+                    counted = true;
+                    shared.metrics.reject(Rejection::QueueFull);
+                }
+                if shared.log.check(err.reason()).is_some() {
+                    tracing::warn!(reason = err.reason(), error = %err, "queue refused a record; holding the PUBACK until it has room");
+                }
+                sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The device listener over real TLS 1.3 sockets, with a real sled queue behind it and
+//! rumqttc as the device: PUBACK means durable, identity is the certificate, bad input
+//! is refused and counted.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blindgate::ingress::{DeviceRegistry, Ingress, IngressSettings};
+use blindgate::metrics::{Metrics, Rejection};
+use blindgate::queue::{Queue, QueueConfig};
+use blindgate::tls::device_server_config;
+use blindgate::topics::TopicTemplate;
+use bytes::Bytes;
+use rumqttc::{Event, EventLoop, Outgoing, Packet, QoS, SubscribeReasonCode};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+struct Gateway {
+    port: u16,
+    queue: Queue,
+    registry: Arc<DeviceRegistry>,
+    metrics: Metrics,
+    pki: blindgate::pki::DevPki,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(devices: &[&str]) -> Gateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = common::dev_pki(dir.path(), devices);
+    let mut queue_config = QueueConfig::new(dir.path().join("queue"));
+    queue_config.min_free_disk = 0;
+    let queue = Queue::open(queue_config).expect("queue");
+    let metrics = Metrics::new();
+    let registry = DeviceRegistry::new(10, metrics.clone());
+    let settings = IngressSettings {
+        up_topic: TopicTemplate::new("e3/{device_id}/up", "gw-1").expect("template"),
+        down_topic: TopicTemplate::new("e3/{device_id}/down", "gw-1").expect("template"),
+        max_envelope: 4096,
+        max_packet: 8192,
+        max_connections: 16,
+        max_inflight: 32,
+        rate_per_sec: 0,
+        rate_burst: 1,
+        connect_timeout: Duration::from_secs(5),
+        inflight_bytes: 1 << 20,
+    };
+    let ingress = Ingress::new(
+        settings,
+        queue.clone(),
+        Arc::clone(&registry),
+        metrics.clone(),
+    );
+    let tls = device_server_config(
+        &pki.device_ca.cert,
+        &pki.gateway_devices.cert,
+        &pki.gateway_devices.key,
+    )
+    .expect("server TLS");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let stop = CancellationToken::new();
+    let serve_stop = stop.clone();
+    tokio::spawn(async move { ingress.serve_tls(listener, tls, serve_stop).await });
+    Gateway {
+        port,
+        queue,
+        registry,
+        metrics,
+        pki,
+        stop,
+        _dir: dir,
+    }
+}
+
+impl Gateway {
+    fn device(&self, device: &str) -> (rumqttc::AsyncClient, EventLoop) {
+        let (_, paths) = self
+            .pki
+            .devices
+            .iter()
+            .find(|(id, _)| id == device)
+            .expect("device in PKI");
+        let tls = common::client_tls(&self.pki.device_ca.cert, &paths.cert, &paths.key);
+        common::mqtt_client(device, self.port, tls)
+    }
+
+    fn rejected(&self, reason: Rejection) -> u64 {
+        self.metrics
+            .rejected
+            .with_label_values(&[reason.as_str()])
+            .get()
+    }
+}
+
+/// Polls until `stop` says so; fails the test after 10 s.
+async fn poll_until(
+    eventloop: &mut EventLoop,
+    mut stop: impl FnMut(&Result<Event, rumqttc::ConnectionError>) -> bool,
+) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let event = eventloop.poll().await;
+            if stop(&event) {
+                return;
+            }
+            if event.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    })
+    .await
+    .expect("expected event within 10 s");
+}
+
+#[tokio::test]
+async fn puback_arrives_only_after_the_record_is_durable_and_order_is_kept() {
+    let gw = start(&["pump-17"]).await;
+    let key = common::device_key("pump-17", 1);
+    let (client, mut eventloop) = gw.device("pump-17");
+    let envelopes: Vec<Vec<u8>> = (1..=200u64)
+        .map(|seq| {
+            key.seal(e3::Kind::Uplink, seq, format!("reading {seq}").as_bytes())
+                .expect("seal")
+        })
+        .collect();
+    let to_send = envelopes.clone();
+    tokio::spawn(async move {
+        for envelope in to_send {
+            client
+                .publish("e3/pump-17/up", QoS::AtLeastOnce, false, envelope)
+                .await
+                .expect("publish");
+        }
+    });
+    let mut acks = 0u64;
+    poll_until(&mut eventloop, |event| {
+        if let Ok(Event::Incoming(Packet::PubAck(_))) = event {
+            acks += 1;
+            // The record behind every PUBACK is already in the queue.
+            assert!(gw.queue.device_usage("pump-17").records >= acks);
+        }
+        acks == 200
+    })
+    .await;
+    let stored = gw.queue.read_device("pump-17", None, 1000).expect("read");
+    let payloads: Vec<Vec<u8>> = stored.iter().map(|r| r.payload.to_vec()).collect();
+    assert!(
+        payloads == envelopes,
+        "stored bytes or order differ from what was sent"
+    );
+    assert_eq!(gw.metrics.received.get(), 200);
+}
+
+#[tokio::test]
+async fn publishing_as_another_device_is_refused_and_closes_the_connection() {
+    let gw = start(&["pump-17", "meter-9"]).await;
+    let other = common::device_key("meter-9", 1);
+    let envelope = other.seal(e3::Kind::Uplink, 1, b"forged").expect("seal");
+    let (client, mut eventloop) = gw.device("pump-17");
+    client
+        .publish("e3/meter-9/up", QoS::AtLeastOnce, false, envelope)
+        .await
+        .expect("publish");
+    let mut sent = false;
+    poll_until(&mut eventloop, |event| {
+        sent |= matches!(event, Ok(Event::Outgoing(Outgoing::Publish(_))));
+        sent && event.is_err()
+    })
+    .await;
+    assert_eq!(gw.rejected(Rejection::TopicNotAllowed), 1);
+    assert_eq!(gw.queue.stats().total.records, 0);
+}
+
+#[tokio::test]
+async fn malformed_and_mismatched_envelopes_are_acknowledged_but_never_stored() {
+    let gw = start(&["pump-17"]).await;
+    let mine = common::device_key("pump-17", 1);
+    let someone_else = common::device_key("meter-9", 1);
+    let bad: Vec<Vec<u8>> = vec![
+        b"not an envelope".to_vec(),
+        mine.seal(e3::Kind::Command, 1, b"wrong kind")
+            .expect("seal"),
+        someone_else
+            .seal(e3::Kind::Uplink, 1, b"wrong device")
+            .expect("seal"),
+        mine.seal(e3::Kind::Uplink, 2, &[0u8; 5000]).expect("seal"),
+    ];
+    let (client, mut eventloop) = gw.device("pump-17");
+    for envelope in bad {
+        client
+            .publish("e3/pump-17/up", QoS::AtLeastOnce, false, envelope)
+            .await
+            .expect("publish");
+    }
+    let mut acks = 0;
+    poll_until(&mut eventloop, |event| {
+        acks += usize::from(matches!(event, Ok(Event::Incoming(Packet::PubAck(_)))));
+        acks == 4
+    })
+    .await;
+    assert_eq!(gw.queue.stats().total.records, 0);
+    assert_eq!(gw.rejected(Rejection::MalformedEnvelope), 1);
+    assert_eq!(gw.rejected(Rejection::WrongKind), 1);
+    assert_eq!(gw.rejected(Rejection::DeviceMismatch), 1);
+    assert_eq!(gw.rejected(Rejection::Oversize), 1);
+    assert_eq!(gw.metrics.received.get(), 0);
+}
+
+#[tokio::test]
+async fn devices_without_a_certificate_from_the_device_ca_are_refused() {
+    let gw = start(&["pump-17"]).await;
+    // A certificate from the cloud CA is valid, but not a device certificate.
+    let tls = common::client_tls(
+        &gw.pki.device_ca.cert,
+        &gw.pki.gateway_client.cert,
+        &gw.pki.gateway_client.key,
+    );
+    let (_client, mut eventloop) = common::mqtt_client("pump-17", gw.port, tls);
+    poll_until(&mut eventloop, Result::is_err).await;
+    // And no certificate at all.
+    let roots = blindgate::tls::load_root_store(&gw.pki.device_ca.cert).expect("roots");
+    let anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let (_client, mut eventloop) = common::mqtt_client("pump-17", gw.port, Arc::new(anonymous));
+    poll_until(&mut eventloop, Result::is_err).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(gw.rejected(Rejection::TlsHandshake) >= 2);
+    assert_eq!(gw.metrics.connections.get(), 0);
+}
+
+#[tokio::test]
+async fn commands_wait_for_an_offline_device_and_subscriptions_stay_in_its_own_topic() {
+    let gw = start(&["pump-17"]).await;
+    let key = common::device_key("pump-17", 1);
+    let command = key.seal(e3::Kind::Command, 1, b"open valve").expect("seal");
+    gw.registry.deliver("pump-17", Bytes::from(command.clone()));
+    let (client, mut eventloop) = gw.device("pump-17");
+    client
+        .subscribe("e3/meter-9/down", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    client
+        .subscribe("e3/pump-17/down", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let mut codes = Vec::new();
+    let mut received = None;
+    poll_until(&mut eventloop, |event| {
+        match event {
+            Ok(Event::Incoming(Packet::SubAck(ack))) => codes.extend(ack.return_codes.clone()),
+            Ok(Event::Incoming(Packet::Publish(p))) => received = Some(p.clone()),
+            _ => {}
+        }
+        received.is_some() && codes.len() == 2
+    })
+    .await;
+    assert_eq!(
+        codes,
+        vec![
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce)
+        ]
+    );
+    let publish = received.expect("command delivered");
+    assert_eq!(publish.topic, "e3/pump-17/down");
+    assert_eq!(publish.payload.to_vec(), command);
+    assert_eq!(gw.rejected(Rejection::SubscribeNotAllowed), 1);
+    // rumqttc sends the PUBACK on its next poll; keep polling in the background.
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let delivered = async {
+        while gw.metrics.downlink_delivered.get() != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), delivered)
+        .await
+        .expect("device PUBACK counted as delivered");
+    assert_eq!(gw.registry.pending("pump-17"), 0);
+    gw.stop.cancel();
+}
