@@ -5,22 +5,33 @@
 //!
 //! - [`cli`]: the command line (one binary, subcommands) and its dispatch.
 //! - [`e3_tool`]: `blindgate e3 seal|open|keygen`, local tools over device key files.
+//! - [`gateway`]: `blindgate gateway`: wiring and the stop order that loses nothing.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`ingress`]: the device listener (MQTT 3.1.1 over TLS 1.3, PUBACK after fsync).
+//! - [`uplink`]: the E4 uplink to the cloud (rumqttc, mutual TLS 1.3, failover, paced drain).
 //! - [`queue`]: the durable store-and-forward queue (sled, group commit, caps).
 //! - [`tls`]: rustls 0.23 (ring) TLS 1.3 configs: device listener, uplink client, SPKI pins, certificate identity.
 //! - [`pki`]: `blindgate certs dev`, a development PKI (two CAs and every certificate).
 //! - [`metrics`]: every Prometheus metric, with closed label sets.
 //! - [`topics`]: MQTT topic templates (`e3/{device_id}/up`, ...).
+//! - [`rate`]: token buckets (per-device rate limit, paced drain).
+//! - [`logging`]: log output (human or JSON, journald-aware).
 //! - [`log_limit`]: rate-limited logging of repeated problems.
 //!
 //! The envelope format itself lives in the workspace crate `e3`.
 
 pub mod cli;
+pub mod config;
 pub mod e3_tool;
+pub mod gateway;
+pub mod http;
 pub mod ingress;
 pub mod log_limit;
+pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod queue;
+pub mod rate;
 pub mod tls;
 pub mod topics;
+pub mod uplink;

@@ -3,7 +3,11 @@
 //! Label values come only from closed enums' `as_str()` (never a device id or a topic),
 //! so cardinality stays bounded whatever the number of devices.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::queue::{QueueCounters, QueueStats};
 
 /// Why the ingress refused a publish, a subscription or a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -119,6 +123,24 @@ pub struct Metrics {
     pub downlink_delivered: IntCounter,
     /// Downlink messages dropped, by reason.
     pub downlink_dropped: IntCounterVec,
+    /// Records in the queue.
+    pub queue_records: IntGauge,
+    /// Bytes of records in the queue (what the caps count).
+    pub queue_bytes: IntGauge,
+    /// sled's files on disk.
+    pub queue_disk_bytes: IntGauge,
+    /// Devices with records in the queue.
+    pub queue_devices: IntGauge,
+    /// Age of the oldest record in the queue (0 when empty).
+    pub queue_oldest_age_seconds: IntGauge,
+    /// Group commits (fsyncs) of the queue.
+    pub queue_commits: IntCounter,
+    /// Records made durable.
+    pub queue_committed: IntCounter,
+    /// Damaged records moved to quarantine.
+    pub queue_quarantined: IntCounter,
+    /// Records dropped by the drop-oldest policy, by limit.
+    pub queue_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -195,8 +217,61 @@ impl Metrics {
                 "reason",
                 &drops,
             ),
+            queue_records: gauge("queue_records", "Records in the queue."),
+            queue_bytes: gauge(
+                "queue_bytes",
+                "Bytes of records in the queue (keys and values; what the caps count).",
+            ),
+            queue_disk_bytes: gauge("queue_disk_bytes", "Bytes of the queue's files on disk."),
+            queue_devices: gauge("queue_devices", "Devices with records in the queue."),
+            queue_oldest_age_seconds: gauge(
+                "queue_oldest_age_seconds",
+                "Age of the oldest record waiting in the queue; 0 when it is empty.",
+            ),
+            queue_commits: counter("queue_commits_total", "Group commits (fsyncs) of the queue."),
+            queue_committed: counter(
+                "queue_committed_total",
+                "Records made durable in the queue.",
+            ),
+            queue_quarantined: counter(
+                "queue_quarantined_total",
+                "Damaged queue records moved to quarantine.",
+            ),
+            queue_dropped: counter_vec(
+                "queue_dropped_total",
+                "Records dropped by the drop-oldest overflow policy, by the limit reached.",
+                "limit",
+                &["device_quota", "queue_bytes"],
+            ),
             registry,
         }
+    }
+
+    /// Copies the queue's state into the gauges and counters (at scrape time).
+    pub fn refresh_queue(&self, stats: &QueueStats, counters: &QueueCounters, now_ms: u64) {
+        let gauge = |g: &IntGauge, v: u64| g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        gauge(&self.queue_records, stats.total.records);
+        gauge(&self.queue_bytes, stats.total.bytes);
+        gauge(&self.queue_disk_bytes, stats.size_on_disk);
+        gauge(&self.queue_devices, stats.devices as u64);
+        let age_ms = stats.oldest_arrival_ms.map_or(0, |t| now_ms.saturating_sub(t));
+        gauge(&self.queue_oldest_age_seconds, age_ms / 1000);
+        // Only this function advances these counters, so catching up to the queue's
+        // own atomic counters keeps them exact.
+        let catch_up = |c: &IntCounter, v: &AtomicU64| {
+            c.inc_by(v.load(Ordering::Relaxed).saturating_sub(c.get()));
+        };
+        catch_up(&self.queue_commits, &counters.commits);
+        catch_up(&self.queue_committed, &counters.committed);
+        catch_up(&self.queue_quarantined, &counters.quarantined);
+        catch_up(
+            &self.queue_dropped.with_label_values(&["device_quota"]),
+            &counters.dropped_device_quota,
+        );
+        catch_up(
+            &self.queue_dropped.with_label_values(&["queue_bytes"]),
+            &counters.dropped_queue_bytes,
+        );
     }
 
     /// Counts one refusal.

@@ -7,9 +7,7 @@
 //! - `session`: one connection's MQTT state machine; PUBACK only after the queue's fsync.
 //! - `registry`: which device is connected where; downlink buffering.
 //! - `validate`: the E3 header checks a keyless gateway can make.
-//! - `rate`: the per-device token bucket.
 
-mod rate;
 pub mod registry;
 mod session;
 pub mod validate;

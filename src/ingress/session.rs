@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
-use super::rate::TokenBucket;
+use crate::rate::TokenBucket;
 use super::validate::check_uplink;
 use super::{Identity, Shared};
 use crate::metrics::Rejection;

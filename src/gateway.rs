@@ -1,0 +1,213 @@
+//! `blindgate gateway`: wires the queue, the device listener, the uplink and the
+//! metrics endpoint together, and stops them in the order that loses nothing.
+//!
+//! Stop order: stop accepting devices; let each session's pending queue writes finish
+//! and send their PUBACKs (bounded); close the queue (its writer finishes and removals
+//! are flushed); disconnect the uplink cleanly. The next start resumes from the queue.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{self, Health};
+use crate::ingress::{DeviceRegistry, Ingress, IngressSettings};
+use crate::metrics::Metrics;
+use crate::queue::{Queue, QueueConfig, QueueError};
+use crate::uplink::{self, UplinkSettings};
+
+/// Everything the gateway runs with, already validated.
+#[derive(Clone)]
+pub struct GatewayPlan {
+    /// The durable queue.
+    pub queue: QueueConfig,
+    /// Device listener limits and topics.
+    pub ingress: IngressSettings,
+    /// TLS for the device listener (TLS 1.3, client certificates required).
+    pub device_tls: Arc<ServerConfig>,
+    /// Where devices connect (TLS).
+    pub device_listen: SocketAddr,
+    /// Optional plain MQTT listener, for the lab only.
+    pub plaintext_listen: Option<SocketAddr>,
+    /// The cloud connection.
+    pub uplink: UplinkSettings,
+    /// Commands and receipts held per offline device.
+    pub downlink_pending_per_device: usize,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Readiness fails when records wait and the last cloud ack is older than this.
+    pub ready_max_ack_age: Duration,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The queue could not be opened.
+    #[error("cannot open the queue")]
+    Queue(#[from] QueueError),
+    /// A listening socket could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct Gateway {
+    queue: Queue,
+    metrics: Metrics,
+    registry: Arc<DeviceRegistry>,
+    device_addr: SocketAddr,
+    plaintext_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    stop_ingress: CancellationToken,
+    stop_rest: CancellationToken,
+    ingress_tasks: Vec<JoinHandle<()>>,
+    uplink_task: JoinHandle<()>,
+    http_task: Option<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { addr, source })
+}
+
+fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(fallback)
+}
+
+impl Gateway {
+    /// Opens the queue, binds every listener and starts every task.
+    ///
+    /// # Errors
+    /// [`GatewayError`] if the queue cannot be opened or a socket cannot be bound.
+    pub async fn start(plan: GatewayPlan) -> Result<Self, GatewayError> {
+        let metrics = Metrics::new();
+        let queue = Queue::open(plan.queue.clone())?;
+        let registry = DeviceRegistry::new(plan.downlink_pending_per_device, metrics.clone());
+        let ingress = Ingress::new(
+            plan.ingress.clone(),
+            queue.clone(),
+            Arc::clone(&registry),
+            metrics.clone(),
+        );
+        let stop_ingress = CancellationToken::new();
+        let stop_rest = CancellationToken::new();
+
+        let devices = bind(plan.device_listen).await?;
+        let device_addr = local(&devices, plan.device_listen);
+        let mut ingress_tasks = Vec::new();
+        let (tls, stop) = (Arc::clone(&plan.device_tls), stop_ingress.clone());
+        let serving = ingress.clone();
+        ingress_tasks.push(tokio::spawn(async move {
+            serving.serve_tls(devices, tls, stop).await;
+        }));
+        let mut plaintext_addr = None;
+        if let Some(addr) = plan.plaintext_listen {
+            let plain = bind(addr).await?;
+            plaintext_addr = Some(local(&plain, addr));
+            tracing::warn!(addr = %addr, "plain MQTT listener enabled (lab use only: no device authentication)");
+            let stop = stop_ingress.clone();
+            ingress_tasks.push(tokio::spawn(async move { ingress.serve_plain(plain, stop).await }));
+        }
+        let mut metrics_addr = None;
+        let mut http_task = None;
+        if let Some(addr) = plan.metrics_listen {
+            let listener = bind(addr).await?;
+            metrics_addr = Some(local(&listener, addr));
+            let health = Health::new(queue.clone(), metrics.clone(), plan.ready_max_ack_age);
+            http_task = Some(tokio::spawn(http::serve(listener, health, stop_rest.clone())));
+        }
+        let uplink_task = tokio::spawn(uplink::run(
+            plan.uplink.clone(),
+            queue.clone(),
+            Arc::clone(&registry),
+            metrics.clone(),
+            stop_rest.clone(),
+        ));
+        tracing::info!(devices = %device_addr, "gateway started");
+        Ok(Self {
+            queue,
+            metrics,
+            registry,
+            device_addr,
+            plaintext_addr,
+            metrics_addr,
+            stop_ingress,
+            stop_rest,
+            ingress_tasks,
+            uplink_task,
+            http_task,
+        })
+    }
+
+    /// Where devices connect (the bound address, useful with port 0).
+    pub fn device_addr(&self) -> SocketAddr {
+        self.device_addr
+    }
+
+    /// The plain listener's bound address, if enabled.
+    pub fn plaintext_addr(&self) -> Option<SocketAddr> {
+        self.plaintext_addr
+    }
+
+    /// The metrics endpoint's bound address, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The queue (for inspection).
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// The device registry (for inspection).
+    pub fn registry(&self) -> &Arc<DeviceRegistry> {
+        &self.registry
+    }
+
+    /// Stops in the order that loses nothing (see the module docs).
+    pub async fn stop(self) {
+        self.stop_ingress.cancel();
+        for task in self.ingress_tasks {
+            let _ = task.await;
+        }
+        if let Err(err) = self.queue.close().await {
+            tracing::error!(error = %err, "final queue flush failed; unflushed acknowledgements will be resent");
+        }
+        self.stop_rest.cancel();
+        let _ = self.uplink_task.await;
+        if let Some(task) = self.http_task {
+            let _ = task.await;
+        }
+        tracing::info!("gateway stopped");
+    }
+}
+
+/// Runs the gateway until `shutdown` completes, then stops it cleanly.
+///
+/// # Errors
+/// [`GatewayError`] if it cannot start.
+pub async fn run(plan: GatewayPlan, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+    let gateway = Gateway::start(plan).await?;
+    shutdown.await;
+    tracing::info!("stopping: no new devices; finishing in-flight writes");
+    gateway.stop().await;
+    Ok(())
+}

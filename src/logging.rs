@@ -1,0 +1,33 @@
+//! Log output: human-readable lines by default (journald adds its own timestamps, so
+//! none are printed when running under systemd), JSON lines as an option. Never secrets
+//! or payload bytes: modules log ids, sizes and reasons only.
+
+use tracing_subscriber::EnvFilter;
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides `level` when set.
+/// Calling it twice is harmless (the second call does nothing).
+pub fn init(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match (format, under_journald) {
+        (LogFormat::Json, _) => builder.json().try_init(),
+        (LogFormat::Human, true) => builder.without_time().with_ansi(false).try_init(),
+        (LogFormat::Human, false) => builder.try_init(),
+    };
+}
