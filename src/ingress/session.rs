@@ -23,11 +23,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::rate::TokenBucket;
 use super::validate::check_uplink;
 use super::{Identity, Shared};
 use crate::metrics::Rejection;
 use crate::queue::EnqueueError;
+use crate::rate::TokenBucket;
 
 /// Downlink publishes sent to a device and not yet acknowledged by it.
 const DOWNLINK_INFLIGHT: usize = 16;
@@ -163,6 +163,16 @@ struct Session {
     bucket: TokenBucket,
     keep_alive: Duration,
     last_seen: Instant,
+    /// A valid publish the queue could not take yet; nothing after it is read until it
+    /// is taken, so records keep the order the device sent them in.
+    blocked: Option<Blocked>,
+}
+
+/// A publish waiting for room in the queue.
+struct Blocked {
+    publish: Publish,
+    retry_at: Instant,
+    delay: Duration,
 }
 
 /// What the packet handler wants next.
@@ -187,6 +197,7 @@ impl Session {
             next_pkid: 0,
             keep_alive,
             last_seen: Instant::now(),
+            blocked: None,
             shared,
         }
     }
@@ -198,7 +209,8 @@ impl Session {
     ) {
         let max_inflight = self.shared.settings.max_inflight.max(1);
         loop {
-            while self.pending.len() < max_inflight {
+            self.retry_blocked();
+            while self.blocked.is_none() && self.pending.len() < max_inflight {
                 match conn.try_parse() {
                     Ok(Some(packet)) => {
                         self.last_seen = Instant::now();
@@ -222,7 +234,8 @@ impl Session {
             if conn.flush().await.is_err() {
                 return;
             }
-            let can_read = self.pending.len() < max_inflight;
+            let can_read = self.blocked.is_none() && self.pending.len() < max_inflight;
+            let retry_at = self.blocked.as_ref().map(|b| b.retry_at);
             let can_send = self.subscribed && self.downlink_out.len() < DOWNLINK_INFLIGHT;
             let idle_deadline = self.last_seen + self.keep_alive;
             tokio::select! {
@@ -247,6 +260,7 @@ impl Session {
                 Some(message) = self.slot.downlink.recv(), if can_send => {
                     self.send_downlink(conn, message);
                 }
+                () = sleep_until(retry_at.unwrap_or(idle_deadline)), if retry_at.is_some() => {}
                 () = sleep_until(idle_deadline), if !self.keep_alive.is_zero() => {
                     tracing::info!(device = %self.device, "keep-alive expired; closing");
                     return;
@@ -378,12 +392,65 @@ impl Session {
                 .push_back(Box::pin(async move { (pkid, qos, Outcome::Refused) }));
             return Next::Continue;
         }
-        let shared = Arc::clone(&self.shared);
-        let device = Arc::clone(&self.device);
-        self.pending.push_back(Box::pin(async move {
-            (pkid, qos, store(shared, device, publish.payload).await)
-        }));
+        self.blocked = Some(Blocked {
+            publish,
+            retry_at: Instant::now(),
+            delay: Duration::from_millis(50),
+        });
+        self.retry_blocked();
         Next::Continue
+    }
+
+    /// Tries to hand the blocked publish to the queue, in order, without waiting. On
+    /// success its durability is awaited among the pending writes; otherwise it stays
+    /// blocked and the next try is scheduled with a growing delay (the device gets no
+    /// PUBACK meanwhile and keeps its data).
+    fn retry_blocked(&mut self) {
+        let Some(blocked) = self.blocked.as_mut() else {
+            return;
+        };
+        if blocked.retry_at > Instant::now() {
+            return;
+        }
+        let payload = &blocked.publish.payload;
+        let size = u32::try_from(payload.len()).unwrap_or(u32::MAX).max(1);
+        let permit = Arc::clone(&self.shared.inflight_bytes).try_acquire_many_owned(size);
+        let submitted = match permit {
+            Ok(permit) => self
+                .shared
+                .queue
+                .submit(&self.device, payload)
+                .map(|write| (write, permit)),
+            Err(_) => Err(EnqueueError::Busy),
+        };
+        match submitted {
+            Ok((write, permit)) => {
+                let (pkid, qos) = (blocked.publish.pkid, blocked.publish.qos);
+                self.blocked = None;
+                self.pending.push_back(Box::pin(async move {
+                    let outcome = match write.durable().await {
+                        Ok(_) => Outcome::Durable,
+                        Err(_) => Outcome::Abandoned,
+                    };
+                    drop(permit);
+                    (pkid, qos, outcome)
+                }));
+            }
+            Err(err) => {
+                if !matches!(err, EnqueueError::Busy | EnqueueError::Closed)
+                    && blocked.delay <= Duration::from_millis(50)
+                {
+                    self.shared.metrics.reject(Rejection::QueueFull);
+                }
+                if self.shared.log.check(err.reason()).is_some()
+                    && !matches!(err, EnqueueError::Busy)
+                {
+                    tracing::warn!(reason = err.reason(), error = %err, "queue refused a record; holding the PUBACK until it has room");
+                }
+                blocked.retry_at = Instant::now() + blocked.delay;
+                blocked.delay = (blocked.delay * 2).min(Duration::from_secs(2));
+            }
+        }
     }
 
     fn send_downlink<S: AsyncRead + AsyncWrite>(&mut self, conn: &mut Conn<S>, message: Bytes) {
@@ -414,38 +481,5 @@ impl Session {
             .registry
             .unregister(&self.device, self.slot.session, undelivered);
         tracing::debug!(device = %self.device, "device disconnected");
-    }
-}
-
-/// Stores one envelope, waiting (without acknowledging) while the queue is full, so
-/// the device keeps its data instead of being told it is stored.
-async fn store(shared: Arc<Shared>, device: Arc<str>, payload: Bytes) -> Outcome {
-    let size = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-    let Ok(_permit) = shared
-        .inflight_bytes
-        .clone()
-        .acquire_many_owned(size.max(1))
-        .await
-    else {
-        return Outcome::Abandoned;
-    };
-    let mut delay = Duration::from_millis(100);
-    let mut counted = false;
-    loop {
-        match shared.queue.enqueue(&device, payload.clone()).await {
-            Ok(_) => return Outcome::Durable,
-            Err(EnqueueError::Closed) => return Outcome::Abandoned,
-            Err(err) => {
-                if !counted {
-                    counted = true;
-                    shared.metrics.reject(Rejection::QueueFull);
-                }
-                if shared.log.check(err.reason()).is_some() {
-                    tracing::warn!(reason = err.reason(), error = %err, "queue refused a record; holding the PUBACK until it has room");
-                }
-                sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
     }
 }

@@ -121,6 +121,9 @@ pub enum EnqueueError {
     /// Writing or syncing failed (for example, the disk is full).
     #[error("queue write failed")]
     Storage(#[source] Arc<sled::Error>),
+    /// The writer's input is full; nothing was taken (only from [`Queue::submit`]).
+    #[error("queue writer is busy")]
+    Busy,
     /// The queue is shutting down.
     #[error("queue is closed")]
     Closed,
@@ -132,6 +135,7 @@ impl EnqueueError {
         match self {
             Self::Full(limit) => limit.as_str(),
             Self::Storage(_) => "storage",
+            Self::Busy => "busy",
             Self::Closed => "closed",
         }
     }
@@ -167,6 +171,41 @@ pub struct QueueStats {
     pub size_on_disk: u64,
     /// Records in quarantine.
     pub quarantine_records: usize,
+}
+
+/// A record handed to the writer; it is durable once [`PendingWrite::durable`] says so.
+/// Dropping it does not cancel the write.
+pub struct PendingWrite {
+    queue: Queue,
+    device_id: String,
+    id: RecordId,
+    size: u64,
+    outcome: oneshot::Receiver<writer::WriteResult>,
+}
+
+impl PendingWrite {
+    /// The id the record got.
+    pub fn id(&self) -> RecordId {
+        self.id
+    }
+
+    /// Waits for the group commit that covers this record.
+    ///
+    /// # Errors
+    /// [`EnqueueError::Storage`] if writing or syncing failed, [`EnqueueError::Closed`]
+    /// if the writer stopped first. Then the record is not stored.
+    pub async fn durable(self) -> Result<RecordId, EnqueueError> {
+        let result = match self.outcome.await {
+            Ok(Ok(())) => return Ok(self.id),
+            Ok(Err(err)) => Err(EnqueueError::Storage(err)),
+            Err(_) => Err(EnqueueError::Closed),
+        };
+        self.queue
+            .inner
+            .ledger()
+            .release(&self.device_id, self.size);
+        result
+    }
 }
 
 /// A handle to the queue; cheap to clone. The writer task stops when the last handle
@@ -233,13 +272,42 @@ impl Queue {
     }
 
     /// Stores one envelope of `device_id`. Returns once the record is durable
-    /// (fsync'd by a group commit): the caller may then PUBACK.
+    /// (fsync'd by a group commit): the caller may then PUBACK. Concurrent calls are
+    /// ordered by when they got room in the writer's channel.
     ///
     /// # Errors
     /// [`EnqueueError::Full`] at a cap under the refuse policy (or when the OS reserve is
     /// reached), [`EnqueueError::Storage`] when writing or syncing failed,
     /// [`EnqueueError::Closed`] during shutdown. In every case nothing was stored.
     pub async fn enqueue(&self, device_id: &str, payload: Bytes) -> Result<RecordId, EnqueueError> {
+        let sender = self.inner.sender().ok_or(EnqueueError::Closed)?;
+        let permit = sender.reserve().await.map_err(|_| EnqueueError::Closed)?;
+        self.hand_over(permit, device_id, &payload)?.durable().await
+    }
+
+    /// Hands one envelope to the writer without waiting: the record id, the admission
+    /// at the caps and the place in the writer's input are all decided now, so records
+    /// submitted one after another keep that order. Await [`PendingWrite::durable`]
+    /// before acknowledging.
+    ///
+    /// # Errors
+    /// [`EnqueueError::Busy`] when the writer's input is full (try again shortly), and
+    /// the errors of [`Queue::enqueue`]. Nothing was stored.
+    pub fn submit(&self, device_id: &str, payload: &Bytes) -> Result<PendingWrite, EnqueueError> {
+        let sender = self.inner.sender().ok_or(EnqueueError::Closed)?;
+        let permit = sender.try_reserve().map_err(|err| match err {
+            mpsc::error::TrySendError::Full(()) => EnqueueError::Busy,
+            mpsc::error::TrySendError::Closed(()) => EnqueueError::Closed,
+        })?;
+        self.hand_over(permit, device_id, payload)
+    }
+
+    fn hand_over(
+        &self,
+        permit: mpsc::Permit<'_, WriteRequest>,
+        device_id: &str,
+        payload: &[u8],
+    ) -> Result<PendingWrite, EnqueueError> {
         let inner = &self.inner;
         let id = RecordId(
             inner
@@ -248,30 +316,18 @@ impl Queue {
                 .map_err(|e| EnqueueError::Storage(Arc::new(e)))?,
         );
         let key = record::encode_key(device_id, id);
-        let value = record::encode_value(&key, now_ms(), &payload);
+        let value = record::encode_value(&key, now_ms(), payload);
         let size = (key.len() + value.len()) as u64;
         inner.admit(device_id, size)?;
-        let sender = inner.sender().ok_or(EnqueueError::Closed);
         let (reply, outcome) = oneshot::channel();
-        let sent = match sender {
-            Ok(sender) => sender
-                .send(WriteRequest { key, value, reply })
-                .await
-                .map_err(|_| EnqueueError::Closed),
-            Err(err) => Err(err),
-        };
-        let result = match sent {
-            Ok(()) => match outcome.await {
-                Ok(Ok(())) => Ok(id),
-                Ok(Err(err)) => Err(EnqueueError::Storage(err)),
-                Err(_) => Err(EnqueueError::Closed),
-            },
-            Err(err) => Err(err),
-        };
-        if result.is_err() {
-            inner.ledger().release(device_id, size);
-        }
-        result
+        permit.send(WriteRequest { key, value, reply });
+        Ok(PendingWrite {
+            queue: self.clone(),
+            device_id: device_id.to_owned(),
+            id,
+            size,
+            outcome,
+        })
     }
 
     /// Devices that have records, in a stable order.

@@ -7,6 +7,10 @@
     reason = "each test binary uses a different subset"
 )]
 
+pub mod cloud_subscriber;
+pub mod mosquitto;
+pub mod proxy;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
