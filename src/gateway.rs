@@ -119,7 +119,9 @@ impl Gateway {
             plaintext_addr = Some(local(&plain, addr));
             tracing::warn!(addr = %addr, "plain MQTT listener enabled (lab use only: no device authentication)");
             let stop = stop_ingress.clone();
-            ingress_tasks.push(tokio::spawn(async move { ingress.serve_plain(plain, stop).await }));
+            ingress_tasks.push(tokio::spawn(async move {
+                ingress.serve_plain(plain, stop).await
+            }));
         }
         let mut metrics_addr = None;
         let mut http_task = None;
@@ -127,7 +129,11 @@ impl Gateway {
             let listener = bind(addr).await?;
             metrics_addr = Some(local(&listener, addr));
             let health = Health::new(queue.clone(), metrics.clone(), plan.ready_max_ack_age);
-            http_task = Some(tokio::spawn(http::serve(listener, health, stop_rest.clone())));
+            http_task = Some(tokio::spawn(http::serve(
+                listener,
+                health,
+                stop_rest.clone(),
+            )));
         }
         let uplink_task = tokio::spawn(uplink::run(
             plan.uplink.clone(),
@@ -204,7 +210,10 @@ impl Gateway {
 ///
 /// # Errors
 /// [`GatewayError`] if it cannot start.
-pub async fn run(plan: GatewayPlan, shutdown: impl Future<Output = ()>) -> Result<(), GatewayError> {
+pub async fn run(
+    plan: GatewayPlan,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GatewayError> {
     let gateway = Gateway::start(plan).await?;
     shutdown.await;
     tracing::info!("stopping: no new devices; finishing in-flight writes");

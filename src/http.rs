@@ -40,7 +40,8 @@ impl Health {
         };
         let max_ms = u64::try_from(self.max_ack_age.as_millis()).unwrap_or(u64::MAX);
         let waited = now.saturating_sub(oldest);
-        let last_ack_ms = u64::try_from(self.metrics.last_cloud_ack_seconds.get()).unwrap_or(0) * 1000;
+        let last_ack_ms =
+            u64::try_from(self.metrics.last_cloud_ack_seconds.get()).unwrap_or(0) * 1000;
         let since_ack = now.saturating_sub(last_ack_ms);
         if waited > max_ms && since_ack > max_ms {
             return Err(format!(
@@ -101,10 +102,18 @@ async fn respond(mut stream: TcpStream, health: &Health) -> std::io::Result<()> 
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
         ("GET", "/readyz") => match health.ready() {
             Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
-            Err(why) => ("503 Service Unavailable", "text/plain", format!("not ready: {why}\n")),
+            Err(why) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
         },
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

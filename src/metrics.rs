@@ -228,7 +228,10 @@ impl Metrics {
                 "queue_oldest_age_seconds",
                 "Age of the oldest record waiting in the queue; 0 when it is empty.",
             ),
-            queue_commits: counter("queue_commits_total", "Group commits (fsyncs) of the queue."),
+            queue_commits: counter(
+                "queue_commits_total",
+                "Group commits (fsyncs) of the queue.",
+            ),
             queue_committed: counter(
                 "queue_committed_total",
                 "Records made durable in the queue.",
@@ -254,7 +257,9 @@ impl Metrics {
         gauge(&self.queue_bytes, stats.total.bytes);
         gauge(&self.queue_disk_bytes, stats.size_on_disk);
         gauge(&self.queue_devices, stats.devices as u64);
-        let age_ms = stats.oldest_arrival_ms.map_or(0, |t| now_ms.saturating_sub(t));
+        let age_ms = stats
+            .oldest_arrival_ms
+            .map_or(0, |t| now_ms.saturating_sub(t));
         gauge(&self.queue_oldest_age_seconds, age_ms / 1000);
         // Only this function advances these counters, so catching up to the queue's
         // own atomic counters keeps them exact.

@@ -10,7 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration,
+    Transport,
+};
 use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
@@ -122,12 +125,17 @@ impl Connection<'_> {
                 client
                     .try_subscribe(filter, QoS::AtLeastOnce)
                     .map_err(|_| "request channel closed")?;
-                *flight = Some(Flight::new(self.settings.window, self.settings.drain_rate, now_ms()));
+                *flight = Some(Flight::new(
+                    self.settings.window,
+                    self.settings.drain_rate,
+                    now_ms(),
+                ));
                 self.fill(client, flight);
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 if let Some(f) = flight.as_mut() {
-                    f.sent(pkid).map_err(|_| "packet id bookkeeping out of step")?;
+                    f.sent(pkid)
+                        .map_err(|_| "packet id bookkeeping out of step")?;
                 }
             }
             Event::Outgoing(Outgoing::AwaitAck(_)) => {
@@ -139,7 +147,9 @@ impl Connection<'_> {
                     self.fill(client, flight);
                 }
             }
-            Event::Incoming(Incoming::Publish(publish)) => self.downlink(&publish.topic, publish.payload),
+            Event::Incoming(Incoming::Publish(publish)) => {
+                self.downlink(&publish.topic, publish.payload)
+            }
             _ => {}
         }
         Ok(())
@@ -152,7 +162,9 @@ impl Connection<'_> {
                 let now = i64::try_from(now_ms() / 1000).unwrap_or(i64::MAX);
                 self.metrics.last_cloud_ack_seconds.set(now);
             }
-            Err(err) => tracing::error!(error = %err, "cannot delete an acknowledged record; it will be sent again"),
+            Err(err) => {
+                tracing::error!(error = %err, "cannot delete an acknowledged record; it will be sent again")
+            }
         }
     }
 
@@ -180,9 +192,11 @@ impl Connection<'_> {
     fn downlink(&self, topic: &str, payload: Bytes) {
         let settings = self.settings;
         let device = settings.down_topic.device_of(topic);
-        let checked = device.ok_or(crate::metrics::DownlinkDrop::Invalid).and_then(|device| {
-            check_downlink(device, &payload, settings.max_envelope).map(|()| device)
-        });
+        let checked = device
+            .ok_or(crate::metrics::DownlinkDrop::Invalid)
+            .and_then(|device| {
+                check_downlink(device, &payload, settings.max_envelope).map(|()| device)
+            });
         match checked {
             Ok(device) => self.registry.deliver(device, payload),
             Err(reason) => {
@@ -190,7 +204,10 @@ impl Connection<'_> {
                     .downlink_dropped
                     .with_label_values(&[reason.as_str()])
                     .inc();
-                tracing::warn!(reason = reason.as_str(), "cloud sent an invalid downlink message; dropped");
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    "cloud sent an invalid downlink message; dropped"
+                );
             }
         }
     }

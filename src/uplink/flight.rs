@@ -66,7 +66,10 @@ impl Flight {
 
     /// The event loop wrote the oldest handed record under `pkid`.
     pub(crate) fn sent(&mut self, pkid: u16) -> Result<(), Desync> {
-        let handle = self.handed.pop_front().ok_or(Desync::UnknownPublish(pkid))?;
+        let handle = self
+            .handed
+            .pop_front()
+            .ok_or(Desync::UnknownPublish(pkid))?;
         if self.inflight.insert(pkid, handle).is_some() {
             return Err(Desync::PacketIdReused(pkid));
         }

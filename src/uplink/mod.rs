@@ -128,7 +128,9 @@ pub async fn run(
         };
         match connection.run(&shutdown).await {
             Ended::Shutdown => return,
-            Ended::Lost { was_connected: true } => backoff.reset(),
+            Ended::Lost {
+                was_connected: true,
+            } => backoff.reset(),
             Ended::Lost {
                 was_connected: false,
             } => current = (current + 1) % settings.endpoints.len(),
