@@ -27,6 +27,8 @@ pub enum TemplateError {
 /// A validated topic template with the gateway id already filled in.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TopicTemplate {
+    /// As written (placeholders included), for messages and `check-config`.
+    template: String,
     prefix: String,
     suffix: String,
 }
@@ -54,9 +56,15 @@ impl TopicTemplate {
             return Err(TemplateError::NotWholeLevel);
         }
         Ok(Self {
+            template: template.to_owned(),
             prefix: prefix.to_owned(),
             suffix: suffix.to_owned(),
         })
+    }
+
+    /// The template as written, placeholders included.
+    pub fn as_str(&self) -> &str {
+        &self.template
     }
 
     /// The topic for `device_id`.
@@ -74,20 +82,18 @@ impl TopicTemplate {
         self.render("+")
     }
 
-    /// The device id in `topic`, if `topic` is this template for some device. The id
-    /// is one non-empty topic level; whether it is a valid device id is the caller's
-    /// check.
+    /// The device id in `topic`, if `topic` is this template for a valid E3 device id.
     pub fn device_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
         let id = topic
             .strip_prefix(self.prefix.as_str())?
             .strip_suffix(self.suffix.as_str())?;
-        (!id.is_empty() && !id.contains('/')).then_some(id)
+        e3::header::validate_device_id(id.as_bytes()).ok()
     }
 }
 
 impl fmt::Debug for TopicTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{DEVICE}{}", self.prefix, self.suffix)
+        fmt::Debug::fmt(&self.template, f)
     }
 }
 

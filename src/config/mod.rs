@@ -22,7 +22,6 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use base64::Engine as _;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -30,6 +29,17 @@ pub use diagnostics::{ConfigError, Diagnostic};
 
 use diagnostics::{Problem, Reporter, did_you_mean, field_names};
 use units::{ByteSize, Count, HumanDuration, format_byte_size, format_duration};
+
+pub use crate::topics::TopicTemplate;
+
+const DEVICE_PLACEHOLDER: &str = "{device_id}";
+const GATEWAY_PLACEHOLDER: &str = "{gateway_id}";
+
+/// Builds a template that passed [`check_topic`] (which is stricter than
+/// [`TopicTemplate::new`] and reports problems with their position).
+fn bind_topic(template: &str, gateway_id: &str) -> Option<TopicTemplate> {
+    TopicTemplate::new(template, gateway_id).ok()
+}
 
 /// The checked configuration. Every field has its final type and value (defaults
 /// applied, relative paths resolved), so nothing needs checking after [`load`].
@@ -224,57 +234,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// A checked topic template with one `{device_id}` level; in cloud topics the
-/// `{gateway_id}` level is already filled in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicTemplate {
-    /// As written in the file.
-    template: String,
-    /// Everything before `{device_id}`, gateway id filled in.
-    prefix: String,
-    /// Everything after `{device_id}`, gateway id filled in.
-    suffix: String,
-}
-
-impl TopicTemplate {
-    const DEVICE: &'static str = "{device_id}";
-    const GATEWAY: &'static str = "{gateway_id}";
-
-    /// Binds a template that passed [`check_topic`].
-    fn bind(template: &str, gateway_id: &str) -> Self {
-        let (prefix, suffix) = template.split_once(Self::DEVICE).unwrap_or((template, ""));
-        Self {
-            template: template.to_owned(),
-            prefix: prefix.replace(Self::GATEWAY, gateway_id),
-            suffix: suffix.replace(Self::GATEWAY, gateway_id),
-        }
-    }
-
-    /// The template as written in the config file.
-    pub fn as_str(&self) -> &str {
-        &self.template
-    }
-
-    /// The topic of `device_id`.
-    pub fn render(&self, device_id: &str) -> String {
-        format!("{}{device_id}{}", self.prefix, self.suffix)
-    }
-
-    /// The subscription filter matching every device (`{device_id}` becomes `+`).
-    pub fn filter(&self) -> String {
-        self.render("+")
-    }
-
-    /// The device id in `topic`, if `topic` matches this template and the id is a
-    /// valid E3 device id.
-    pub fn device_id_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        let id = topic
-            .strip_prefix(self.prefix.as_str())?
-            .strip_suffix(self.suffix.as_str())?;
-        e3::header::validate_device_id(id.as_bytes()).ok()
-    }
-}
-
 impl ValidConfig {
     /// The topic `device_id` publishes on, e.g. `e3/dev-1/up`.
     pub fn device_up_topic(&self, device_id: &str) -> String {
@@ -303,12 +262,12 @@ impl ValidConfig {
 
     /// The device id in a device's publish topic, or `None` if it is not one.
     pub fn parse_device_up_topic<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        self.devices.up_topic.device_id_of(topic)
+        self.devices.up_topic.device_of(topic)
     }
 
     /// The device id in a cloud downlink topic, or `None` if it is not one.
     pub fn parse_cloud_down_topic<'t>(&self, topic: &'t str) -> Option<&'t str> {
-        self.cloud.down_topic.device_id_of(topic)
+        self.cloud.down_topic.device_of(topic)
     }
 }
 
@@ -742,8 +701,8 @@ fn devices_section(
         rate_limit_per_device: rate_limit_per_device?,
         rate_burst_per_device: rate_burst_per_device?,
         connect_timeout: connect_timeout?,
-        up_topic: TopicTemplate::bind(&up_topic?, ""),
-        down_topic: TopicTemplate::bind(&down_topic?, ""),
+        up_topic: bind_topic(&up_topic?, "")?,
+        down_topic: bind_topic(&down_topic?, "")?,
         downlink_pending_per_device: downlink_pending_per_device?,
     })
 }
@@ -885,8 +844,8 @@ fn cloud_section(
         inflight: inflight?,
         backoff_min: backoff_min?,
         backoff_max: backoff_max?,
-        up_topic: TopicTemplate::bind(&up_topic?, gateway_id),
-        down_topic: TopicTemplate::bind(&down_topic?, gateway_id),
+        up_topic: bind_topic(&up_topic?, gateway_id)?,
+        down_topic: bind_topic(&down_topic?, gateway_id)?,
         drain_rate: drain_rate?,
         ready_max_ack_age: ready_max_ack_age?,
     })
@@ -1134,8 +1093,8 @@ fn check_topic(template: &str, with_gateway: bool) -> Result<(), Problem> {
     let (mut devices, mut gateways) = (0, 0);
     for level in template.split('/') {
         match level {
-            TopicTemplate::DEVICE => devices += 1,
-            TopicTemplate::GATEWAY => gateways += 1,
+            DEVICE_PLACEHOLDER => devices += 1,
+            GATEWAY_PLACEHOLDER => gateways += 1,
             level if level.contains(['{', '}']) => return Err(placeholder_problem(level)),
             _ => {}
         }
@@ -1155,7 +1114,7 @@ fn check_topic(template: &str, with_gateway: bool) -> Result<(), Problem> {
 }
 
 fn placeholder_problem(level: &str) -> Problem {
-    let known = [TopicTemplate::DEVICE, TopicTemplate::GATEWAY];
+    let known = [DEVICE_PLACEHOLDER, GATEWAY_PLACEHOLDER];
     if known.iter().any(|placeholder| level.contains(placeholder)) {
         return Problem::new(format!(
             "`{level}`: a placeholder must be a whole topic level, between slashes"
@@ -1248,14 +1207,7 @@ fn check_host(host: &str) -> Result<(), Problem> {
 
 /// An SPKI SHA-256 pin: `sha256//<base64>` (curl's form) or 64 hex digits.
 fn pin(text: &str) -> Result<[u8; 32], Problem> {
-    let bytes = match text.strip_prefix("sha256//") {
-        Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).ok(),
-        None if text.len() == 64 => hex::decode(text).ok(),
-        None => None,
-    };
-    bytes
-        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-        .ok_or_else(|| {
+    crate::tls::parse_pin(text).map_err(|_| {
             Problem::new(format!("`{text}` is not a SHA-256 public key pin")).hint(
                 r#"write "sha256//" and the base64 of the 32-byte digest (44 characters), or 64 hex digits"#,
             )
@@ -1301,6 +1253,8 @@ fn log_level(text: String) -> Result<String, Problem> {
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
+
+    use base64::Engine as _;
 
     use super::*;
 
@@ -1391,16 +1345,13 @@ mod tests {
 
     #[test]
     fn templates_render_filter_and_parse_back() {
-        let template = TopicTemplate::bind("gw/{gateway_id}/e3/{device_id}/down", "gw-1");
+        let template = bind_topic("gw/{gateway_id}/e3/{device_id}/down", "gw-1").expect("valid");
         assert_eq!(template.render("dev-7"), "gw/gw-1/e3/dev-7/down");
         assert_eq!(template.filter(), "gw/gw-1/e3/+/down");
-        assert_eq!(
-            template.device_id_of("gw/gw-1/e3/dev-7/down"),
-            Some("dev-7")
-        );
-        assert_eq!(template.device_id_of("gw/gw-2/e3/dev-7/down"), None);
-        assert_eq!(template.device_id_of("gw/gw-1/e3/a/b/down"), None);
-        assert_eq!(template.device_id_of("gw/gw-1/e3//down"), None);
+        assert_eq!(template.device_of("gw/gw-1/e3/dev-7/down"), Some("dev-7"));
+        assert_eq!(template.device_of("gw/gw-2/e3/dev-7/down"), None);
+        assert_eq!(template.device_of("gw/gw-1/e3/a/b/down"), None);
+        assert_eq!(template.device_of("gw/gw-1/e3//down"), None);
         assert_eq!(template.as_str(), "gw/{gateway_id}/e3/{device_id}/down");
     }
 
