@@ -4,8 +4,9 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// How log lines look.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How log lines look (`log.format`: `"human"` or `"json"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
     /// One readable line per event.
     #[default]

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use blindgate::config::{
-    self, CipherOrderSetting, ConfigError, Diagnostic, Endpoint, LogFormat, OverflowPolicy,
-    ValidConfig,
+    self, CipherOrder, ConfigError, Diagnostic, Endpoint, LogFormat, Overflow, ValidConfig,
 };
 
 const MIB: u64 = 1 << 20;
@@ -138,13 +137,13 @@ fn defaults_equal_the_documented_ones() {
     assert_eq!(queue.max_bytes, 256 * MIB);
     assert_eq!(queue.min_free_disk, 64 * MIB);
     assert_eq!(queue.device_quota, 32 * MIB);
-    assert_eq!(queue.overflow, OverflowPolicy::Refuse);
+    assert_eq!(queue.overflow, Overflow::Refuse);
     assert_eq!(queue.cache_size, 8 * MIB);
     assert_eq!(queue.max_batch, 1024);
 
     let cloud = &config.cloud;
     assert_eq!(cloud.pins, Vec::<[u8; 32]>::new());
-    assert_eq!(cloud.cipher_order, CipherOrderSetting::Auto);
+    assert_eq!(cloud.cipher_order, CipherOrder::Auto);
     assert_eq!(
         cloud.client_id, "gw-1",
         "an empty client id means gateway.id"

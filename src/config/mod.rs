@@ -30,7 +30,11 @@ pub use diagnostics::{ConfigError, Diagnostic};
 use diagnostics::{Problem, Reporter, did_you_mean, field_names};
 use units::{ByteSize, Count, HumanDuration, format_byte_size, format_duration};
 
+pub use crate::logging::LogFormat;
+pub use crate::queue::Overflow;
+pub use crate::tls::CipherOrder;
 pub use crate::topics::TopicTemplate;
+pub use crate::uplink::Endpoint;
 
 const DEVICE_PLACEHOLDER: &str = "{device_id}";
 const GATEWAY_PLACEHOLDER: &str = "{gateway_id}";
@@ -124,8 +128,8 @@ pub struct QueueSection {
     /// Cap per device, in bytes; at most `max_bytes`, at least `envelope.max_size`.
     /// Default: `32MiB`.
     pub device_quota: u64,
-    /// What happens at a cap. Default: [`OverflowPolicy::Refuse`].
-    pub overflow: OverflowPolicy,
+    /// What happens at a cap. Default: [`Overflow::Refuse`].
+    pub overflow: Overflow,
     /// sled page cache in bytes. Default: `8MiB`.
     pub cache_size: u64,
     /// Most records per group commit (1..=65536). Default: `1024`.
@@ -146,8 +150,8 @@ pub struct CloudSection {
     /// SHA-256 pins of accepted broker public keys (SPKI), checked on top of CA
     /// validation. Default: none (no pinning).
     pub pins: Vec<[u8; 32]>,
-    /// Which AEAD is offered first. Default: [`CipherOrderSetting::Auto`].
-    pub cipher_order: CipherOrderSetting,
+    /// Which AEAD is offered first. Default: [`CipherOrder::Auto`].
+    pub cipher_order: CipherOrder,
     /// MQTT client id. Default: `""` in the file, which means `gateway.id`; this
     /// field always holds the id actually used.
     pub client_id: String,
@@ -188,50 +192,6 @@ pub struct LogSection {
     /// A tracing `EnvFilter` directive such as `info` or `info,blindgate::queue=debug`.
     /// Default: `info`.
     pub level: String,
-}
-
-/// One cloud broker: `mqtts://host:port` in the file.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Endpoint {
-    /// Host name or IP address (IPv6 without brackets); TLS checks the certificate
-    /// against it.
-    pub host: String,
-    /// TCP port. Default: `8883`.
-    pub port: u16,
-}
-
-/// Which TLS 1.3 AEAD the uplink offers first (`cloud.cipher_order`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-pub enum CipherOrderSetting {
-    /// `"auto"`: ChaCha20-Poly1305 first when the CPU lacks AES instructions.
-    #[serde(rename = "auto")]
-    Auto,
-    /// `"aes-first"`: AES-GCM first.
-    #[serde(rename = "aes-first")]
-    AesFirst,
-    /// `"chacha-first"`: ChaCha20-Poly1305 first.
-    #[serde(rename = "chacha-first")]
-    ChaChaFirst,
-}
-
-/// What the queue does at a cap (`queue.overflow`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OverflowPolicy {
-    /// `"refuse"`: no PUBACK; the device keeps its data and retries.
-    Refuse,
-    /// `"drop-oldest"`: the oldest records make room; every drop is counted.
-    DropOldest,
-}
-
-/// Log output format (`log.format`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LogFormat {
-    /// `"human"`: one readable line per event.
-    Human,
-    /// `"json"`: one JSON object per line, for log collectors.
-    Json,
 }
 
 impl ValidConfig {
@@ -351,7 +311,7 @@ struct RawQueue {
     max_bytes: Opt<ByteSize>,
     min_free_disk: Opt<ByteSize>,
     device_quota: Opt<ByteSize>,
-    overflow: Opt<OverflowPolicy>,
+    overflow: Opt<Overflow>,
     cache_size: Opt<ByteSize>,
     max_batch: Opt<Count>,
 }
@@ -364,7 +324,7 @@ struct RawCloud {
     cert: Opt<String>,
     key: Opt<String>,
     pins: Opt<Vec<Spanned<String>>>,
-    cipher_order: Opt<CipherOrderSetting>,
+    cipher_order: Opt<CipherOrder>,
     client_id: Opt<String>,
     keep_alive: Opt<HumanDuration>,
     inflight: Opt<Count>,
@@ -424,10 +384,10 @@ const DEFAULT_ENVELOPE_MAX_SIZE: u64 = e3::DEFAULT_MAX_ENVELOPE_LEN as u64;
 const DEFAULT_QUEUE_MAX_BYTES: u64 = 256 * MIB;
 const DEFAULT_MIN_FREE_DISK: u64 = 64 * MIB;
 const DEFAULT_DEVICE_QUOTA: u64 = 32 * MIB;
-const DEFAULT_OVERFLOW: OverflowPolicy = OverflowPolicy::Refuse;
+const DEFAULT_OVERFLOW: Overflow = Overflow::Refuse;
 const DEFAULT_CACHE_SIZE: u64 = 8 * MIB;
 const DEFAULT_MAX_BATCH: usize = 1024;
-const DEFAULT_CIPHER_ORDER: CipherOrderSetting = CipherOrderSetting::Auto;
+const DEFAULT_CIPHER_ORDER: CipherOrder = CipherOrder::Auto;
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 const DEFAULT_INFLIGHT: u16 = 64;
 const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(1);

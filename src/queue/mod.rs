@@ -41,8 +41,9 @@ pub use record::{Record, RecordId};
 use ledger::Ledger;
 use writer::WriteRequest;
 
-/// What to do when a cap is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do when a cap is reached (`queue.overflow`: `"refuse"` or `"drop-oldest"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Overflow {
     /// Refuse the new record: the device gets no PUBACK and keeps its data. The default.
     #[default]

@@ -44,15 +44,20 @@ pub struct UplinkTlsOptions {
 
 /// The order of TLS 1.3 cipher suites the client offers (the server picks the first
 /// it supports, so this decides the AEAD in practice).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+///
+/// In the config file (`cloud.cipher_order`): `"auto"`, `"aes-first"`, `"chacha-first"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Deserialize)]
 pub enum CipherOrder {
     /// ChaCha20-Poly1305 first if the CPU lacks AES instructions (as on the Raspberry
     /// Pi 4 and older), AES-GCM first otherwise.
     #[default]
+    #[serde(rename = "auto")]
     Auto,
     /// AES-256-GCM and AES-128-GCM first, ChaCha20-Poly1305 last.
+    #[serde(rename = "aes-first")]
     AesFirst,
     /// ChaCha20-Poly1305 first, then the AES-GCM suites.
+    #[serde(rename = "chacha-first")]
     ChaChaFirst,
 }
 

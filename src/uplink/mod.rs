@@ -26,8 +26,9 @@ use crate::queue::Queue;
 use crate::topics::TopicTemplate;
 use connection::{Connection, Ended};
 
-/// A cloud broker address. The host is also the name its certificate must carry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A cloud broker address (`mqtts://host:port` in the config file). The host is also
+/// the name its certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     /// DNS name (or IP address) of the broker.
     pub host: String,
