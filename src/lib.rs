@@ -14,6 +14,8 @@
 //! - [`pki`]: `blindgate certs dev`, a development PKI (two CAs and every certificate).
 //! - [`metrics`]: every Prometheus metric, with closed label sets.
 //! - [`topics`]: MQTT topic templates (`e3/{device_id}/up`, ...).
+//! - [`shutdown`]: SIGTERM/SIGINT into the shutdown future.
+//! - [`config`]: the gateway config file, checked once into `ValidConfig`.
 //! - [`rate`]: token buckets (per-device rate limit, paced drain).
 //! - [`logging`]: log output (human or JSON, journald-aware).
 //! - [`log_limit`]: rate-limited logging of repeated problems.
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod pki;
 pub mod queue;
 pub mod rate;
+pub mod shutdown;
 pub mod tls;
 pub mod topics;
 pub mod uplink;

@@ -5,6 +5,10 @@
 //! and send their PUBACKs (bounded); close the queue (its writer finishes and removals
 //! are flushed); disconnect the uplink cleanly. The next start resumes from the queue.
 
+mod plan;
+
+pub use plan::PlanError;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
