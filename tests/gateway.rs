@@ -5,77 +5,16 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
-use blindgate::gateway::{Gateway, GatewayPlan};
-use blindgate::ingress::IngressSettings;
+use blindgate::gateway::Gateway;
 use blindgate::pki::DevPki;
-use blindgate::queue::QueueConfig;
-use blindgate::tls::{CipherOrder, UplinkTlsOptions, device_server_config, uplink_client_config};
-use blindgate::topics::TopicTemplate;
-use blindgate::uplink::{Endpoint, UplinkSettings};
 use common::cloud_subscriber::CloudSubscriber;
 use common::mosquitto::{Mosquitto, TlsMode, require_mosquitto, start_cloud_broker};
 use common::proxy::Proxy;
 use rumqttc::{Event, Packet, QoS};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn plan(dir: &Path, pki: &DevPki, cloud_port: u16) -> GatewayPlan {
-    let template = |t: &str| TopicTemplate::new(t, "gw-1").expect("template");
-    let mut queue = QueueConfig::new(dir.join("queue"));
-    queue.min_free_disk = 0;
-    GatewayPlan {
-        queue,
-        ingress: IngressSettings {
-            up_topic: template("e3/{device_id}/up"),
-            down_topic: template("e3/{device_id}/down"),
-            max_envelope: 4096,
-            max_packet: 8192,
-            max_connections: 16,
-            max_inflight: 32,
-            rate_per_sec: 0,
-            rate_burst: 1,
-            connect_timeout: Duration::from_secs(5),
-            inflight_bytes: 1 << 20,
-        },
-        device_tls: device_server_config(
-            &pki.device_ca.cert,
-            &pki.gateway_devices.cert,
-            &pki.gateway_devices.key,
-        )
-        .expect("device TLS"),
-        device_listen: "127.0.0.1:0".parse().expect("addr"),
-        plaintext_listen: None,
-        uplink: UplinkSettings {
-            endpoints: vec![Endpoint {
-                host: "localhost".into(),
-                port: cloud_port,
-            }],
-            tls: uplink_client_config(&UplinkTlsOptions {
-                ca: pki.cloud_ca.cert.clone(),
-                cert: pki.gateway_client.cert.clone(),
-                key: pki.gateway_client.key.clone(),
-                pins_sha256: Vec::new(),
-                cipher_order: CipherOrder::Auto,
-            })
-            .expect("uplink TLS"),
-            client_id: "gw-1".into(),
-            keep_alive: Duration::from_secs(5),
-            window: 32,
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(500),
-            up_topic: template("gw/{gateway_id}/e3/{device_id}/up"),
-            down_topic: template("gw/{gateway_id}/e3/{device_id}/down"),
-            max_envelope: 4096,
-            drain_rate: 0,
-        },
-        downlink_pending_per_device: 10,
-        metrics_listen: None,
-        ready_max_ack_age: Duration::from_secs(60),
-    }
-}
 
 struct World {
     dir: tempfile::TempDir,
@@ -105,9 +44,13 @@ async fn world(devices: &[&str]) -> Option<World> {
 
 impl World {
     async fn gateway(&self) -> Gateway {
-        Gateway::start(plan(self.dir.path(), &self.pki, self.proxy.port))
-            .await
-            .expect("gateway starts")
+        Gateway::start(common::gateway_plan(
+            self.dir.path(),
+            &self.pki,
+            self.proxy.port,
+        ))
+        .await
+        .expect("gateway starts")
     }
 }
 
@@ -248,7 +191,7 @@ async fn a_cloud_broker_offering_only_tls_1_2_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = common::dev_pki(dir.path(), &["pump-17"]);
     let broker = start_cloud_broker(&dir.path().join("broker"), &pki, TlsMode::Tls12Only);
-    let gateway = Gateway::start(plan(dir.path(), &pki, broker.port))
+    let gateway = Gateway::start(common::gateway_plan(dir.path(), &pki, broker.port))
         .await
         .expect("gateway starts");
     let envelopes = seal_many("pump-17", 3);

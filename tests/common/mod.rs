@@ -15,8 +15,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use blindgate::gateway::GatewayPlan;
+use blindgate::ingress::IngressSettings;
 use blindgate::pki::{DevPki, DevPkiOptions, generate_dev_pki};
-use blindgate::tls::{CipherOrder, UplinkTlsOptions, uplink_client_config};
+use blindgate::queue::QueueConfig;
+use blindgate::tls::{CipherOrder, UplinkTlsOptions, device_server_config, uplink_client_config};
+use blindgate::topics::TopicTemplate;
+use blindgate::uplink::{Endpoint, UplinkSettings};
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, TlsConfiguration, Transport};
 
 /// A dev PKI for gateway `gw-1` with the given devices.
@@ -66,4 +71,61 @@ pub fn device_key(device: &str, key_id: u32) -> e3::DeviceKey {
         e3::Suite::ChaCha20Poly1305,
         &mut e3::OsRng,
     )
+}
+
+/// A gateway plan for tests: devices on 127.0.0.1 port 0, the uplink to
+/// `localhost:cloud_port` with the dev PKI, fast retries, queue in `dir/queue`.
+pub fn gateway_plan(dir: &Path, pki: &DevPki, cloud_port: u16) -> GatewayPlan {
+    let template = |t: &str| TopicTemplate::new(t, "gw-1").expect("template");
+    let mut queue = QueueConfig::new(dir.join("queue"));
+    queue.min_free_disk = 0;
+    GatewayPlan {
+        queue,
+        ingress: IngressSettings {
+            up_topic: template("e3/{device_id}/up"),
+            down_topic: template("e3/{device_id}/down"),
+            max_envelope: 4096,
+            max_packet: 8192,
+            max_connections: 16,
+            max_inflight: 32,
+            rate_per_sec: 0,
+            rate_burst: 1,
+            connect_timeout: Duration::from_secs(5),
+            inflight_bytes: 1 << 20,
+        },
+        device_tls: device_server_config(
+            &pki.device_ca.cert,
+            &pki.gateway_devices.cert,
+            &pki.gateway_devices.key,
+        )
+        .expect("device TLS"),
+        device_listen: "127.0.0.1:0".parse().expect("addr"),
+        plaintext_listen: None,
+        uplink: UplinkSettings {
+            endpoints: vec![Endpoint {
+                host: "localhost".into(),
+                port: cloud_port,
+            }],
+            tls: uplink_client_config(&UplinkTlsOptions {
+                ca: pki.cloud_ca.cert.clone(),
+                cert: pki.gateway_client.cert.clone(),
+                key: pki.gateway_client.key.clone(),
+                pins_sha256: Vec::new(),
+                cipher_order: CipherOrder::Auto,
+            })
+            .expect("uplink TLS"),
+            client_id: "gw-1".into(),
+            keep_alive: Duration::from_secs(5),
+            window: 32,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(500),
+            up_topic: template("gw/{gateway_id}/e3/{device_id}/up"),
+            down_topic: template("gw/{gateway_id}/e3/{device_id}/down"),
+            max_envelope: 4096,
+            drain_rate: 0,
+        },
+        downlink_pending_per_device: 10,
+        metrics_listen: None,
+        ready_max_ack_age: Duration::from_secs(60),
+    }
 }
