@@ -562,3 +562,23 @@ fn an_unreadable_file_is_reported_with_its_cause() {
     assert!(err.to_string().starts_with("cannot read config file"));
     assert!(std::error::Error::source(&err).is_some());
 }
+
+#[test]
+fn the_example_file_works_with_the_output_of_certs_dev() {
+    // Lay out a copy of the repository's config/ next to a fresh certs/dev, as the
+    // README's quick start does, and build the gateway's plan from it: every TLS file
+    // is found and loads.
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(root.path().join("config")).expect("config dir");
+    let config = root.path().join("config/gateway.toml");
+    std::fs::copy(example_path(), &config).expect("copy example");
+    blindgate::pki::generate_dev_pki(&blindgate::pki::DevPkiOptions {
+        out_dir: root.path().join("certs/dev"),
+        ..Default::default()
+    })
+    .expect("dev PKI");
+    let valid = blindgate::config::load(&config).expect("example parses");
+    let plan = blindgate::gateway::GatewayPlan::from_config(&valid).expect("plan builds");
+    assert_eq!(plan.queue.path, root.path().join("config/../var/gateway/queue"));
+    assert!(root.path().join("var/gateway").is_dir(), "data_dir created");
+}

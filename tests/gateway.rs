@@ -269,3 +269,29 @@ async fn a_command_from_the_cloud_reaches_its_device_through_the_gateway() {
     assert_eq!(invalid, 1);
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_first_endpoint_fails_over_to_the_next() {
+    let Some(world) = world(&["pump-17"]).await else {
+        return;
+    };
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut plan = common::gateway_plan(world.dir.path(), &world.pki, world.proxy.port);
+    plan.uplink.endpoints.insert(
+        0,
+        blindgate::uplink::Endpoint {
+            host: "localhost".into(),
+            port: dead,
+        },
+    );
+    let gateway = Gateway::start(plan).await.expect("gateway starts");
+    let envelopes = seal_many("pump-17", 10);
+    publish_all(&world.pki, &gateway, "pump-17", &envelopes).await;
+    let received = world.cloud.wait_for(10, WAIT).await;
+    assert_eq!(received.len(), 10);
+    assert_eq!(gateway.metrics().uplink_connects.get(), 1);
+    gateway.stop().await;
+}

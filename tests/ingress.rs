@@ -28,14 +28,21 @@ struct Gateway {
 }
 
 async fn start(devices: &[&str]) -> Gateway {
+    start_with(devices, |_, _| {}).await
+}
+
+/// Starts the listener after `tune` adjusted its settings and the queue's.
+async fn start_with(
+    devices: &[&str],
+    tune: impl FnOnce(&mut IngressSettings, &mut QueueConfig),
+) -> Gateway {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = common::dev_pki(dir.path(), devices);
     let mut queue_config = QueueConfig::new(dir.path().join("queue"));
     queue_config.min_free_disk = 0;
-    let queue = Queue::open(queue_config).expect("queue");
     let metrics = Metrics::new();
     let registry = DeviceRegistry::new(10, metrics.clone());
-    let settings = IngressSettings {
+    let mut settings = IngressSettings {
         up_topic: TopicTemplate::new("e3/{device_id}/up", "gw-1").expect("template"),
         down_topic: TopicTemplate::new("e3/{device_id}/down", "gw-1").expect("template"),
         max_envelope: 4096,
@@ -47,6 +54,8 @@ async fn start(devices: &[&str]) -> Gateway {
         connect_timeout: Duration::from_secs(5),
         inflight_bytes: 1 << 20,
     };
+    tune(&mut settings, &mut queue_config);
+    let queue = Queue::open(queue_config).expect("queue");
     let ingress = Ingress::new(
         settings,
         queue.clone(),
@@ -285,4 +294,138 @@ async fn commands_wait_for_an_offline_device_and_subscriptions_stay_in_its_own_t
         .expect("device PUBACK counted as delivered");
     assert_eq!(gw.registry.pending("pump-17"), 0);
     gw.stop.cancel();
+}
+
+/// Publishes `envelopes` in the background; returns the event loop to count PUBACKs on.
+fn publish_in_background(gw: &Gateway, device: &str, envelopes: Vec<Vec<u8>>) -> EventLoop {
+    let (client, eventloop) = gw.device(device);
+    let topic = format!("e3/{device}/up");
+    tokio::spawn(async move {
+        for envelope in envelopes {
+            if client
+                .publish(topic.as_str(), QoS::AtLeastOnce, false, envelope)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    eventloop
+}
+
+/// Counts PUBACKs until none came for `quiet`.
+async fn count_pubacks(eventloop: &mut EventLoop, quiet: Duration) -> usize {
+    let mut acks = 0;
+    while let Ok(event) = tokio::time::timeout(quiet, eventloop.poll()).await {
+        if let Ok(Event::Incoming(Packet::PubAck(_))) = event {
+            acks += 1;
+        }
+    }
+    acks
+}
+
+#[tokio::test]
+async fn a_full_queue_holds_pubacks_until_there_is_room_and_loses_nothing() {
+    let gw = start_with(&["pump-17"], |_, queue| {
+        queue.max_bytes = 2000;
+        queue.device_quota = 2000;
+    })
+    .await;
+    let key = common::device_key("pump-17", 1);
+    let envelopes: Vec<Vec<u8>> = (1..=30u64)
+        .map(|seq| key.seal(e3::Kind::Uplink, seq, b"21.5 C").expect("seal"))
+        .collect();
+    let mut eventloop = publish_in_background(&gw, "pump-17", envelopes.clone());
+    let acked_while_full = count_pubacks(&mut eventloop, Duration::from_millis(800)).await;
+    let stored = gw.queue.stats().total.records;
+    assert!(
+        acked_while_full < 30,
+        "the queue cannot hold 30; got {acked_while_full} PUBACKs"
+    );
+    assert_eq!(
+        acked_while_full as u64, stored,
+        "a PUBACK for every stored record, no more"
+    );
+    assert!(gw.rejected(Rejection::QueueFull) >= 1);
+
+    // Play the uplink: take records out as the cloud would acknowledge them.
+    let mut drained = Vec::new();
+    let mut acks = acked_while_full;
+    while acks < 30 {
+        for record in gw.queue.read_device("pump-17", None, 100).expect("read") {
+            gw.queue.ack("pump-17", record.id).expect("ack");
+            drained.push(record.payload.to_vec());
+        }
+        acks += count_pubacks(&mut eventloop, Duration::from_millis(2500)).await;
+        assert!(!drained.is_empty());
+    }
+    drained.extend(
+        gw.queue
+            .read_device("pump-17", None, 100)
+            .expect("read")
+            .into_iter()
+            .map(|r| r.payload.to_vec()),
+    );
+    assert!(drained == envelopes, "every envelope stored once, in order");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused_and_the_others_keep_working() {
+    let gw = start_with(&["pump-17", "meter-9", "cam-1"], |settings, _| {
+        settings.max_connections = 2;
+    })
+    .await;
+    let mut held = Vec::new();
+    for device in ["pump-17", "meter-9"] {
+        let (client, mut eventloop) = gw.device(device);
+        poll_until(&mut eventloop, |e| {
+            matches!(e, Ok(Event::Incoming(Packet::ConnAck(_))))
+        })
+        .await;
+        held.push((client, eventloop));
+    }
+    let (_client, mut third) = gw.device("cam-1");
+    poll_until(&mut third, Result::is_err).await;
+    assert!(gw.rejected(Rejection::ConnectionLimit) >= 1);
+    let (client, eventloop) = &mut held[0];
+    let envelope = common::device_key("pump-17", 1)
+        .seal(e3::Kind::Uplink, 1, b"still here")
+        .expect("seal");
+    client
+        .publish("e3/pump-17/up", QoS::AtLeastOnce, false, envelope)
+        .await
+        .expect("publish");
+    poll_until(eventloop, |e| {
+        matches!(e, Ok(Event::Incoming(Packet::PubAck(_))))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_device_over_its_rate_is_slowed_down_not_dropped() {
+    let gw = start_with(&["pump-17"], |settings, _| {
+        settings.rate_per_sec = 20;
+        settings.rate_burst = 5;
+    })
+    .await;
+    let key = common::device_key("pump-17", 1);
+    let envelopes: Vec<Vec<u8>> = (1..=25u64)
+        .map(|seq| key.seal(e3::Kind::Uplink, seq, b"x").expect("seal"))
+        .collect();
+    let started = std::time::Instant::now();
+    let mut eventloop = publish_in_background(&gw, "pump-17", envelopes);
+    let mut acks = 0;
+    poll_until(&mut eventloop, |e| {
+        acks += usize::from(matches!(e, Ok(Event::Incoming(Packet::PubAck(_)))));
+        acks == 25
+    })
+    .await;
+    // 5 at once, then 20 more at 20 per second.
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(gw.queue.stats().total.records, 25);
 }
