@@ -577,8 +577,11 @@ fn the_example_file_works_with_the_output_of_certs_dev() {
         ..Default::default()
     })
     .expect("dev PKI");
-    let valid = blindgate::config::load(&config).expect("example parses");
+    let valid = config::load(&config).expect("example parses");
     let plan = blindgate::gateway::GatewayPlan::from_config(&valid).expect("plan builds");
-    assert_eq!(plan.queue.path, root.path().join("config/../var/gateway/queue"));
+    assert_eq!(
+        plan.queue.path,
+        root.path().join("config/../var/gateway/queue")
+    );
     assert!(root.path().join("var/gateway").is_dir(), "data_dir created");
 }
