@@ -125,9 +125,24 @@ async fn envelopes_reach_the_cloud_byte_for_byte_in_order_and_then_leave_the_que
         return;
     };
     let gateway = world.gateway().await;
+    // A malformed envelope and another device's envelope go first: neither may reach
+    // the cloud.
+    let other = common::device_key("meter-9", 1)
+        .seal(e3::Kind::Uplink, 1, b"not pump-17's")
+        .expect("seal");
+    publish_all(
+        &world.pki,
+        &gateway,
+        "pump-17",
+        &[b"garbage".to_vec(), other],
+    )
+    .await;
     let envelopes = seal_many("pump-17", 100);
     publish_all(&world.pki, &gateway, "pump-17", &envelopes).await;
-    let received = world.cloud.wait_for(100, WAIT).await;
+    world.cloud.wait_for(100, WAIT).await;
+    // Give anything that should not arrive the time to show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = world.cloud.received();
     assert!(
         received
             .iter()

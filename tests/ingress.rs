@@ -429,3 +429,72 @@ async fn a_device_over_its_rate_is_slowed_down_not_dropped() {
     );
     assert_eq!(gw.queue.stats().total.records, 25);
 }
+
+#[tokio::test]
+async fn a_packet_larger_than_the_limit_closes_the_connection_before_it_is_buffered() {
+    let gw = start(&["pump-17"]).await;
+    let (client, mut eventloop) = gw.device("pump-17");
+    client
+        .publish("e3/pump-17/up", QoS::AtLeastOnce, false, vec![0u8; 20_000])
+        .await
+        .expect("publish");
+    poll_until(&mut eventloop, Result::is_err).await;
+    assert_eq!(gw.rejected(Rejection::Oversize), 1);
+    assert_eq!(gw.queue.stats().total.records, 0);
+}
+
+#[tokio::test]
+async fn the_plain_listener_takes_the_client_id_as_identity_and_keeps_the_same_rules() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut queue_config = QueueConfig::new(dir.path().join("queue"));
+    queue_config.min_free_disk = 0;
+    let queue = Queue::open(queue_config).expect("queue");
+    let metrics = Metrics::new();
+    let settings = IngressSettings {
+        up_topic: TopicTemplate::new("e3/{device_id}/up", "gw-1").expect("template"),
+        down_topic: TopicTemplate::new("e3/{device_id}/down", "gw-1").expect("template"),
+        max_envelope: 4096,
+        max_packet: 8192,
+        max_connections: 4,
+        max_inflight: 8,
+        rate_per_sec: 0,
+        rate_burst: 1,
+        connect_timeout: Duration::from_secs(5),
+        inflight_bytes: 1 << 20,
+    };
+    let registry = DeviceRegistry::new(4, metrics.clone());
+    let ingress = Ingress::new(settings, queue.clone(), registry, metrics.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let stop = CancellationToken::new();
+    let serve_stop = stop.clone();
+    tokio::spawn(async move { ingress.serve_plain(listener, serve_stop).await });
+
+    let options = rumqttc::MqttOptions::new("pump-17", "127.0.0.1", port);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 8);
+    let envelope = common::device_key("pump-17", 1)
+        .seal(e3::Kind::Uplink, 1, b"lab")
+        .expect("seal");
+    client
+        .publish("e3/pump-17/up", QoS::AtLeastOnce, false, envelope.clone())
+        .await
+        .expect("publish");
+    poll_until(&mut eventloop, |e| {
+        matches!(e, Ok(Event::Incoming(Packet::PubAck(_))))
+    })
+    .await;
+    client
+        .publish("e3/meter-9/up", QoS::AtLeastOnce, false, envelope)
+        .await
+        .expect("publish");
+    poll_until(&mut eventloop, Result::is_err).await;
+    assert_eq!(queue.stats().total.records, 1);
+    assert_eq!(
+        metrics
+            .rejected
+            .with_label_values(&[Rejection::TopicNotAllowed.as_str()])
+            .get(),
+        1
+    );
+    stop.cancel();
+}

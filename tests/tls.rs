@@ -52,6 +52,8 @@ struct Accepted {
 /// What the client saw of a completed handshake and the server's reply.
 #[derive(Debug)]
 struct Connected {
+    /// True if the handshake resumed an earlier session.
+    resumed: bool,
     version: Option<ProtocolVersion>,
     suite: Option<&'static str>,
     reply: Vec<u8>,
@@ -130,12 +132,14 @@ async fn connect(config: Arc<ClientConfig>, addr: SocketAddr, name: &str) -> io:
     let mut tls = TlsConnector::from(config).connect(name, tcp).await?;
     let (_, conn) = tls.get_ref();
     let version = conn.protocol_version();
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let suite = conn
         .negotiated_cipher_suite()
         .and_then(|suite| suite.suite().as_str());
     let mut reply = Vec::new();
     tls.read_to_end(&mut reply).await?;
     Ok(Connected {
+        resumed,
         version,
         suite,
         reply,
@@ -452,4 +456,21 @@ fn the_pin_of_a_certificate_is_the_sha256_of_its_public_key_info() {
     let from_key = ring::digest::digest(&ring::digest::SHA256, &key.public_key_der());
     assert_eq!(pin_of(&broker.cert).as_slice(), from_key.as_ref());
     assert_ne!(pin_of(&broker.cert), pin_of(&f.pki.gateway_client.cert));
+}
+
+#[tokio::test]
+async fn the_uplink_resumes_its_tls_session_on_reconnect() {
+    let f = fixture();
+    let server = cloud_broker(&f.pki);
+    let uplink_config = client(&uplink(&f.pki));
+    let (first, _) = handshake(Arc::clone(&server), Arc::clone(&uplink_config), "localhost").await;
+    assert!(
+        !assert_connected(first).resumed,
+        "first handshake is a full one"
+    );
+    let (second, _) = handshake(server, uplink_config, "localhost").await;
+    assert!(
+        assert_connected(second).resumed,
+        "the reconnect resumed the session"
+    );
 }
