@@ -310,3 +310,62 @@ async fn an_unreachable_first_endpoint_fails_over_to_the_next() {
     assert_eq!(gateway.metrics().uplink_connects.get(), 1);
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_the_drain_is_paced_fair_between_devices_and_live_data_gets_through() {
+    let Some(world) = world(&["pump-17", "meter-9", "cam-1"]).await else {
+        return;
+    };
+    let mut plan = common::gateway_plan(world.dir.path(), &world.pki, world.proxy.port);
+    plan.uplink.drain_rate = 100;
+    let gateway = Gateway::start(plan).await.expect("gateway starts");
+    world.proxy.cut();
+    let big = seal_many("pump-17", 200);
+    let small = seal_many("meter-9", 5);
+    publish_all(&world.pki, &gateway, "pump-17", &big).await;
+    publish_all(&world.pki, &gateway, "meter-9", &small).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    world.proxy.restore();
+    tokio::time::timeout(WAIT, async {
+        while gateway.metrics().uplink_connected.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("uplink back");
+    let restored = std::time::Instant::now();
+    // Live data from a device without backlog, published while the backlog drains.
+    let live = seal_many("cam-1", 3);
+    publish_all(&world.pki, &gateway, "cam-1", &live).await;
+    let received = world.cloud.wait_for(208, WAIT).await;
+    let drained_in = restored.elapsed();
+
+    let position = |device: &str, n: usize| {
+        let topic = format!("gw/gw-1/e3/{device}/up");
+        received
+            .iter()
+            .enumerate()
+            .filter(|(_, (t, _))| *t == topic)
+            .nth(n)
+            .map(|(i, _)| i)
+            .expect("arrived")
+    };
+    // 205 backlog records at 100 per second (burst 100) take over a second.
+    assert!(
+        drained_in >= Duration::from_millis(900),
+        "drain not paced: {drained_in:?}"
+    );
+    // Fairness: meter-9's last backlog record is not queued behind pump-17's 200.
+    assert!(
+        position("meter-9", 4) < 50,
+        "meter-9 starved: {}",
+        position("meter-9", 4)
+    );
+    // Live records are not held back by the pacing of the backlog.
+    assert!(
+        position("cam-1", 2) < position("pump-17", 199),
+        "live data waited for the backlog"
+    );
+    gateway.stop().await;
+}
