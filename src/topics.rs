@@ -97,6 +97,78 @@ impl fmt::Debug for TopicTemplate {
     }
 }
 
+/// A cloud-side template with both placeholders open, e.g.
+/// `gw/{gateway_id}/e3/{device_id}/up`: the ingest learns the gateway from the topic.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GatewayTemplate {
+    template: String,
+    levels: Vec<String>,
+}
+
+impl GatewayTemplate {
+    /// Parses `template`; each placeholder must be exactly one whole level.
+    ///
+    /// # Errors
+    /// [`TemplateError`] as for [`TopicTemplate::new`].
+    pub fn new(template: &str) -> Result<Self, TemplateError> {
+        if template.contains(['+', '#']) {
+            return Err(TemplateError::Wildcard);
+        }
+        let levels: Vec<String> = template.split('/').map(str::to_owned).collect();
+        let count = |p: &str| levels.iter().filter(|l| *l == p).count();
+        let embedded = levels
+            .iter()
+            .any(|l| l.contains('{') && l != DEVICE && l != GATEWAY);
+        if embedded {
+            return Err(TemplateError::NotWholeLevel);
+        }
+        if count(DEVICE) != 1 || count(GATEWAY) != 1 {
+            return Err(TemplateError::DevicePlaceholder);
+        }
+        Ok(Self {
+            template: template.to_owned(),
+            levels,
+        })
+    }
+
+    /// `(gateway id, device id)` if `topic` matches and both are valid ids.
+    pub fn parse<'t>(&self, topic: &'t str) -> Option<(&'t str, &'t str)> {
+        let parts: Vec<&str> = topic.split('/').collect();
+        if parts.len() != self.levels.len() {
+            return None;
+        }
+        let (mut gateway, mut device) = (None, None);
+        for (level, part) in self.levels.iter().zip(parts) {
+            match level.as_str() {
+                GATEWAY => gateway = Some(part),
+                DEVICE => device = Some(part),
+                fixed if fixed != part => return None,
+                _ => {}
+            }
+        }
+        let valid = |id: &'t str| e3::header::validate_device_id(id.as_bytes()).ok();
+        Some((valid(gateway?)?, valid(device?)?))
+    }
+
+    /// The topic for `gateway` and `device`.
+    pub fn render(&self, gateway: &str, device: &str) -> String {
+        self.template
+            .replace(GATEWAY, gateway)
+            .replace(DEVICE, device)
+    }
+
+    /// A filter matching every gateway and device.
+    pub fn filter(&self) -> String {
+        self.render("+", "+")
+    }
+}
+
+impl fmt::Debug for GatewayTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.template, f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +203,16 @@ mod tests {
             Err(TemplateError::Wildcard)
         );
         assert!(TopicTemplate::new("{device_id}", "g").is_ok());
+    }
+
+    #[test]
+    fn gateway_templates_extract_both_ids() {
+        let t = GatewayTemplate::new("gw/{gateway_id}/e3/{device_id}/up").expect("ok");
+        assert_eq!(t.parse("gw/gw-1/e3/pump-17/up"), Some(("gw-1", "pump-17")));
+        assert_eq!(t.parse("gw/gw-1/e3/pump-17/down"), None);
+        assert_eq!(t.parse("gw/gw 1/e3/pump-17/up"), None);
+        assert_eq!(t.render("gw-2", "d"), "gw/gw-2/e3/d/up");
+        assert_eq!(t.filter(), "gw/+/e3/+/up");
+        assert!(GatewayTemplate::new("gw/{device_id}/up").is_err());
     }
 }
