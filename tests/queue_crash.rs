@@ -61,7 +61,7 @@ fn crash_child() {
         let mut seen = 0u64;
         while let Some((device, id)) = rx.recv().await {
             seen += 1;
-            if seen % 3 == 0 {
+            if seen.is_multiple_of(3) {
                 println!("acking {device} {}", id.0);
                 queue
                     .ack(&format!("dev-{device}"), id)

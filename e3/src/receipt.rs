@@ -69,7 +69,7 @@ impl ExactSizeIterator for ReceiptEntries<'_> {}
 /// # Errors
 /// [`ReceiptError::Length`], [`ReceiptError::EntryCount`] or [`ReceiptError::ZeroSeq`].
 pub fn decode_receipt(plaintext: &[u8]) -> Result<ReceiptEntries<'_>, ReceiptError> {
-    if plaintext.len() % ENTRY_LEN != 0 {
+    if !plaintext.len().is_multiple_of(ENTRY_LEN) {
         return Err(ReceiptError::Length(plaintext.len()));
     }
     let count = plaintext.len() / ENTRY_LEN;

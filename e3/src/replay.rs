@@ -240,7 +240,7 @@ impl ReplayWindow {
     }
 
     fn restore_from_gaps(&mut self, body: &[u8]) -> Result<(), ReplayStateError> {
-        if body.len() % 2 != 0 {
+        if !body.len().is_multiple_of(2) {
             return Err(ReplayStateError::Length);
         }
         let lowest = self.highest.saturating_sub(Self::SPAN).max(1);

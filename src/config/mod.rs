@@ -708,16 +708,16 @@ fn queue_section(reporter: &mut Reporter<'_>, raw: Opt<RawQueue>) -> Option<Queu
     let overflow = optional!(s, raw.overflow, DEFAULT_OVERFLOW, Ok);
     let cache_size = optional!(s, raw.cache_size, DEFAULT_CACHE_SIZE, size_in(1..=u64::MAX));
     let max_batch = optional!(s, raw.max_batch, DEFAULT_MAX_BATCH, count_in(1..=65_536));
-    if let (Some(quota), Some(max)) = (device_quota, max_bytes) {
-        if quota > max {
-            let problem = Problem::new(format!(
-                "device_quota {} is larger than max_bytes {}",
-                format_byte_size(quota),
-                format_byte_size(max)
-            ))
-            .hint("one device cannot use more than the whole queue: lower device_quota or raise max_bytes");
-            s.conflict("device_quota", problem);
-        }
+    if let (Some(quota), Some(max)) = (device_quota, max_bytes)
+        && quota > max
+    {
+        let problem = Problem::new(format!(
+            "device_quota {} is larger than max_bytes {}",
+            format_byte_size(quota),
+            format_byte_size(max)
+        ))
+        .hint("one device cannot use more than the whole queue: lower device_quota or raise max_bytes");
+        s.conflict("device_quota", problem);
     }
     Some(QueueSection {
         max_bytes: max_bytes?,

@@ -105,12 +105,12 @@ impl Flight {
                 let device = &devices[(self.next_device + turn) % devices.len()];
                 let after = self.cursors.get(device).copied();
                 for record in queue.read_device(device, after, room.min(PER_TURN))? {
-                    if record.arrival_ms < self.backlog_before_ms {
-                        if let Err(wait) = self.pacing.try_take(Instant::now()) {
-                            let at = Instant::now() + wait;
-                            self.paced_until = Some(self.paced_until.map_or(at, |p| p.min(at)));
-                            break;
-                        }
+                    if record.arrival_ms < self.backlog_before_ms
+                        && let Err(wait) = self.pacing.try_take(Instant::now())
+                    {
+                        let at = Instant::now() + wait;
+                        self.paced_until = Some(self.paced_until.map_or(at, |p| p.min(at)));
+                        break;
                     }
                     let handle = (record.device_id.clone(), record.id);
                     if !send(record) {

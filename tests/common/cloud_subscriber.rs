@@ -221,10 +221,10 @@ async fn run(
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                 let mut unacked = shared.publishes.lock().expect("publishes lock");
                 // A resend after a reconnect reuses the packet id already recorded.
-                if !unacked.sent.contains_key(&pkid) {
-                    if let Some(waiter) = unacked.queued.pop_front() {
-                        unacked.sent.insert(pkid, waiter);
-                    }
+                if !unacked.sent.contains_key(&pkid)
+                    && let Some(waiter) = unacked.queued.pop_front()
+                {
+                    unacked.sent.insert(pkid, waiter);
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
