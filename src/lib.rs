@@ -5,6 +5,7 @@
 //!
 //! - [`cli`]: the command line (one binary, subcommands) and its dispatch.
 //! - [`e3_tool`]: `blindgate e3 seal|open|keygen`, local tools over device key files.
+//! - [`demo`]: `blindgate demo`, the whole system on loopback (embedded rumqttd, cuttable link).
 //! - [`gateway`]: `blindgate gateway`: wiring and the stop order that loses nothing.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`ingress`]: the device listener (MQTT 3.1.1 over TLS 1.3, PUBACK after fsync).
@@ -24,6 +25,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod e3_tool;
 pub mod gateway;
 pub mod http;

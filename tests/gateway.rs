@@ -31,7 +31,9 @@ async fn world(devices: &[&str]) -> Option<World> {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = common::dev_pki(dir.path(), devices);
     let broker = start_cloud_broker(&dir.path().join("broker"), &pki, TlsMode::Tls13MutualAuth);
-    let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into()).await;
+    let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into())
+        .await
+        .expect("link");
     let cloud = CloudSubscriber::connect(broker.port, &pki, "ingest-1", "gw/+/e3/+/up").await;
     Some(World {
         dir,

@@ -162,7 +162,9 @@ async fn kill_9_while_the_cloud_is_down_loses_nothing_that_was_acknowledged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = common::dev_pki(dir.path(), &[DEVICE]);
     let broker = start_cloud_broker(&dir.path().join("broker"), &pki, TlsMode::Tls13MutualAuth);
-    let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into()).await;
+    let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into())
+        .await
+        .expect("link");
     let cloud = CloudSubscriber::connect(broker.port, &pki, "ingest-1", "gw/+/e3/+/up").await;
     let device_port = free_port();
     let config = write_config(dir.path(), &pki, device_port, proxy.port);
@@ -236,7 +238,9 @@ async fn sigterm_stops_within_seconds_and_the_next_start_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = common::dev_pki(dir.path(), &[DEVICE]);
     let broker = start_cloud_broker(&dir.path().join("broker"), &pki, TlsMode::Tls13MutualAuth);
-    let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into()).await;
+    let proxy = Proxy::start(([127, 0, 0, 1], broker.port).into())
+        .await
+        .expect("link");
     let cloud = CloudSubscriber::connect(broker.port, &pki, "ingest-1", "gw/+/e3/+/up").await;
     let device_port = free_port();
     let config = write_config(dir.path(), &pki, device_port, proxy.port);

@@ -1,6 +1,7 @@
-//! A TCP proxy on 127.0.0.1 that a test can cut and restore: a network partition
-//! between the gateway and the cloud broker, while the broker and its subscribers stay
-//! up. Cutting closes every open connection and refuses new ones until restored.
+//! A network link the demo (and the tests) can cut and restore: a TCP proxy on
+//! 127.0.0.1 in front of the cloud broker. Cutting closes every open connection and
+//! refuses new ones until restored: a network partition between the gateway and the
+//! cloud, while the broker and its subscribers stay up.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// A running proxy; stops when dropped.
-pub struct Proxy {
+/// A running link; stops when dropped.
+pub struct Link {
     /// Where clients connect.
     pub port: u16,
     up: Arc<AtomicBool>,
@@ -18,11 +19,14 @@ pub struct Proxy {
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Proxy {
+impl Link {
     /// Forwards 127.0.0.1:`port` to `target`.
-    pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("addr").port();
+    ///
+    /// # Errors
+    /// If no loopback port can be bound.
+    pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
         let up = Arc::new(AtomicBool::new(true));
         let (epoch, _) = watch::channel(0u64);
         let (accept_up, accept_epoch) = (Arc::clone(&up), epoch.clone());
@@ -45,12 +49,12 @@ impl Proxy {
                 });
             }
         });
-        Self {
+        Ok(Self {
             port,
             up,
             epoch,
             task,
-        }
+        })
     }
 
     /// Drops every open connection and refuses new ones.
@@ -65,7 +69,7 @@ impl Proxy {
     }
 }
 
-impl Drop for Proxy {
+impl Drop for Link {
     fn drop(&mut self) {
         self.cut();
         self.task.abort();

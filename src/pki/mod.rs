@@ -439,7 +439,8 @@ impl Ca {
 
 fn distinguished_name(common_name: &str) -> DistinguishedName {
     let mut name = DistinguishedName::new();
-    name.push(DnType::OrganizationName, "blindgate dev");
+    // Alphanumeric: rumqttd takes O as a tenant id and refuses anything else.
+    name.push(DnType::OrganizationName, "blindgate");
     name.push(DnType::CommonName, common_name);
     name
 }
