@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::gateway::{self, GatewayPlan};
-use crate::{config, e3_tool, logging, pki, shutdown};
+use crate::{config, device, e3_tool, logging, pki, shutdown};
 
 /// Edge gateway for end-to-end encrypted device data.
 #[derive(Debug, Parser)]
@@ -27,6 +27,9 @@ enum Command {
     /// Certificates for development and tests.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Simulated devices (`device simulate`).
+    #[command(subcommand)]
+    Device(device::cli::DeviceCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         }
         Command::E3(cmd) => e3_tool::run(cmd).map_err(Into::into),
         Command::Certs(CertsCommand::Dev(args)) => pki::cli::run(args).map_err(Into::into),
+        Command::Device(cmd) => device::cli::run(cmd).map_err(Into::into),
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`uplink`]: the E4 uplink to the cloud (rumqttc, mutual TLS 1.3, failover, paced drain).
 //! - [`queue`]: the durable store-and-forward queue (sled, group commit, caps).
 //! - [`tls`]: rustls 0.23 (ring) TLS 1.3 configs: device listener, uplink client, SPKI pins, certificate identity.
+//! - [`device`]: simulated devices (`blindgate device simulate`): outbox until receipted, rekey.
 //! - [`pki`]: `blindgate certs dev`, a development PKI (two CAs and every certificate).
 //! - [`metrics`]: every Prometheus metric, with closed label sets.
 //! - [`topics`]: MQTT topic templates (`e3/{device_id}/up`, ...).
@@ -26,6 +27,7 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod device;
 pub mod e3_tool;
 pub mod gateway;
 pub mod http;
