@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::gateway::{self, GatewayPlan};
-use crate::{config, device, e3_tool, logging, pki, shutdown};
+use crate::{config, demo, device, e3_tool, keys, logging, pki, shutdown};
 
 /// Edge gateway for end-to-end encrypted device data.
 #[derive(Debug, Parser)]
@@ -17,6 +17,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole system on loopback (devices, gateway, cloud) with a cloud outage,
+    /// and report what arrived. Exits non-zero if anything was lost.
+    Demo(demo::cli::DemoArgs),
     /// Run the gateway: device listener, durable queue, uplink to the cloud.
     Gateway(GatewayArgs),
     /// Check a gateway config file; print every problem with file:line:column.
@@ -27,6 +30,9 @@ enum Command {
     /// Certificates for development and tests.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Cloud side: the device key store (provision, rotate, shred, list).
+    #[command(subcommand)]
+    Keys(keys::cli::KeysCommand),
     /// Simulated devices (`device simulate`).
     #[command(subcommand)]
     Device(device::cli::DeviceCommand),
@@ -65,6 +71,7 @@ struct CheckConfigArgs {
 /// Whatever the subcommand reports; `main` prints the error chain and exits non-zero.
 pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     match cli.command {
+        Command::Demo(args) => demo::cli::run(args),
         Command::Gateway(args) => run_gateway(&args),
         Command::CheckConfig(args) => {
             config::load(&args.config)?;
@@ -74,6 +81,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Command::E3(cmd) => e3_tool::run(cmd).map_err(Into::into),
         Command::Certs(CertsCommand::Dev(args)) => pki::cli::run(args).map_err(Into::into),
         Command::Device(cmd) => device::cli::run(cmd).map_err(Into::into),
+        Command::Keys(cmd) => keys::cli::run(cmd).map_err(Into::into),
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`cloud`]: `blindgate cloud`, the cloud-side ingest (open, replay rule, sink, receipts).
 //! - [`cli`]: the command line (one binary, subcommands) and its dispatch.
 //! - [`e3_tool`]: `blindgate e3 seal|open|keygen`, local tools over device key files.
 //! - [`demo`]: `blindgate demo`, the whole system on loopback (embedded rumqttd, cuttable link).
@@ -12,6 +13,7 @@
 //! - [`uplink`]: the E4 uplink to the cloud (rumqttc, mutual TLS 1.3, failover, paced drain).
 //! - [`queue`]: the durable store-and-forward queue (sled, group commit, caps).
 //! - [`tls`]: rustls 0.23 (ring) TLS 1.3 configs: device listener, uplink client, SPKI pins, certificate identity.
+//! - [`keys`]: the cloud's device key store (`blindgate keys ...`): provision, rotate, shred, audit log.
 //! - [`device`]: simulated devices (`blindgate device simulate`): outbox until receipted, rekey.
 //! - [`pki`]: `blindgate certs dev`, a development PKI (two CAs and every certificate).
 //! - [`metrics`]: every Prometheus metric, with closed label sets.
@@ -25,6 +27,7 @@
 //! The envelope format itself lives in the workspace crate `e3`.
 
 pub mod cli;
+pub mod cloud;
 pub mod config;
 pub mod demo;
 pub mod device;
@@ -32,6 +35,7 @@ pub mod e3_tool;
 pub mod gateway;
 pub mod http;
 pub mod ingress;
+pub mod keys;
 pub mod log_limit;
 pub mod logging;
 pub mod metrics;

@@ -1,0 +1,260 @@
+//! What the ingest does with one envelope, and with a batch.
+//!
+//! Per envelope: topic → gateway and device; clear header (device id must match the
+//! topic); registry (may this gateway carry this device?); key by `(device, key_id)`;
+//! open; kind must be uplink; replay rule; content (JSON reading, compressed reading,
+//! image chunk, or opaque); into the sink's batch. Per batch: sink fsync, replay
+//! checkpoint; only then may the broker get its acknowledgements and devices their
+//! receipts.
+
+use std::collections::BTreeMap;
+
+use e3::{Header, Kind, ReceiptEntry, Verdict};
+
+use super::images::{ImageProgress, ImageStore};
+use super::metrics::{CloudMetrics, CloudRejection};
+use super::payload::{Content, decode};
+use super::registry::Registry;
+use super::replay::ReplayStore;
+use super::sink::{JsonlSink, SinkError, SinkLine};
+use crate::keys::KeyStore;
+use crate::topics::GatewayTemplate;
+
+/// What became of one envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// New: in the sink's batch; a receipt is due once the batch is durable.
+    Accepted(Route),
+    /// Already accepted earlier: dropped, but answered with a receipt again so the
+    /// device stops resending.
+    Duplicate(Route),
+    /// Refused for this reason; nothing stored, no receipt.
+    Rejected(CloudRejection),
+}
+
+/// Who a receipt goes to and what it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The gateway the envelope came through (the receipt goes back the same way).
+    pub gateway: String,
+    /// The device.
+    pub device: String,
+    /// The accepted uplink.
+    pub entry: ReceiptEntry,
+}
+
+/// The ingest's state: keys, registry, replay windows, sink, images.
+pub struct Ingest {
+    pub(crate) keys: KeyStore,
+    registry: Option<Registry>,
+    replay: ReplayStore,
+    sink: JsonlSink,
+    images: ImageStore,
+    up_topic: GatewayTemplate,
+    max_envelope: usize,
+    metrics: CloudMetrics,
+    /// Downlink seqs reserved (persisted) per device and not used yet: one fsync per
+    /// block instead of one per receipt.
+    seq_blocks: std::collections::HashMap<String, std::ops::Range<u64>>,
+}
+
+/// Downlink seqs reserved at a time.
+const SEQ_BLOCK: u64 = 64;
+
+impl Ingest {
+    /// Assembles the ingest from its parts; `tail` (from [`JsonlSink::open`]) catches
+    /// the replay windows up with the sink.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one constructor wiring independent parts"
+    )]
+    pub fn new(
+        keys: KeyStore,
+        registry: Option<Registry>,
+        mut replay: ReplayStore,
+        sink: JsonlSink,
+        tail: Vec<SinkLine>,
+        images: ImageStore,
+        up_topic: GatewayTemplate,
+        max_envelope: usize,
+        metrics: CloudMetrics,
+    ) -> Self {
+        for line in &tail {
+            replay.accept(&line.device, line.seq);
+        }
+        if !tail.is_empty() {
+            tracing::info!(lines = tail.len(), "replay state caught up with the sink");
+        }
+        Self {
+            keys,
+            registry,
+            replay,
+            sink,
+            images,
+            up_topic,
+            max_envelope,
+            metrics,
+            seq_blocks: std::collections::HashMap::new(),
+        }
+    }
+
+    fn next_downlink_seq(&mut self, device: &str) -> Option<u64> {
+        let block = self.seq_blocks.entry(device.to_owned()).or_insert(0..0);
+        if block.is_empty() {
+            *block = self.keys.reserve_downlink_seqs(device, SEQ_BLOCK).ok()?;
+        }
+        let seq = block.start;
+        block.start += 1;
+        Some(seq)
+    }
+
+    /// Processes one envelope received on `topic` at `now_ms`.
+    pub fn process(&mut self, topic: &str, envelope: &[u8], now_ms: u64) -> Outcome {
+        let outcome = self.classify(topic, envelope, now_ms);
+        match &outcome {
+            Outcome::Accepted(_) => self.metrics.accepted.inc(),
+            Outcome::Duplicate(_) => self.metrics.reject(CloudRejection::Duplicate),
+            Outcome::Rejected(reason) => self.metrics.reject(*reason),
+        }
+        outcome
+    }
+
+    fn classify(&mut self, topic: &str, envelope: &[u8], now_ms: u64) -> Outcome {
+        use CloudRejection as R;
+        let Some((gateway, device)) = self.up_topic.parse(topic) else {
+            return Outcome::Rejected(R::Topic);
+        };
+        if envelope.len() > self.max_envelope {
+            return Outcome::Rejected(R::Oversize);
+        }
+        let Ok(header) = Header::parse(envelope) else {
+            return Outcome::Rejected(R::Header);
+        };
+        if header.device_id() != device {
+            return Outcome::Rejected(R::DeviceMismatch);
+        }
+        if let Some(registry) = &self.registry
+            && registry.allowed(gateway, device).is_none()
+        {
+            return Outcome::Rejected(R::NotAllowed);
+        }
+        let key = match self.keys.key_for_open(device, header.key_id(), now_ms) {
+            Ok(key) => key,
+            Err(err) => return Outcome::Rejected(R::from_key_error(err.reason())),
+        };
+        let Ok((header, plaintext)) = key.open(envelope) else {
+            return Outcome::Rejected(R::Auth);
+        };
+        if header.kind() != Kind::Uplink {
+            return Outcome::Rejected(R::WrongKind);
+        }
+        let route = Route {
+            gateway: gateway.to_owned(),
+            device: device.to_owned(),
+            entry: ReceiptEntry {
+                key_id: header.key_id(),
+                seq: header.seq(),
+            },
+        };
+        match self.replay.accept(device, header.seq()) {
+            Verdict::Fresh => {}
+            Verdict::Duplicate => return Outcome::Duplicate(route),
+            Verdict::Stale => return Outcome::Rejected(R::Stale),
+        }
+        match self.store(&route, &plaintext, now_ms) {
+            Ok(()) => Outcome::Accepted(route),
+            Err(reason) => Outcome::Rejected(reason),
+        }
+    }
+
+    fn store(
+        &mut self,
+        route: &Route,
+        plaintext: &[u8],
+        now_ms: u64,
+    ) -> Result<(), CloudRejection> {
+        let mut line = SinkLine {
+            gateway: route.gateway.clone(),
+            device: route.device.clone(),
+            key_id: route.entry.key_id,
+            seq: route.entry.seq,
+            received_ms: now_ms,
+            json: None,
+            base64: None,
+            image_chunk: None,
+        };
+        match decode(plaintext) {
+            Ok(Content::Json(value)) => line.json = Some(value),
+            Ok(Content::Image(chunk)) => {
+                line.image_chunk = Some((chunk.image_id, chunk.index, chunk.count));
+                match self.images.add(&route.device, &chunk) {
+                    Ok(ImageProgress::Complete(path)) => {
+                        self.metrics.images_completed.inc();
+                        tracing::info!(device = %route.device, path = %path.display(), "image reassembled, SHA-256 verified");
+                    }
+                    Ok(ImageProgress::Corrupt) => {
+                        self.metrics.reject(CloudRejection::ImageCorrupt);
+                    }
+                    Ok(ImageProgress::Partial) => {}
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot store an image chunk");
+                        return Err(CloudRejection::Storage);
+                    }
+                }
+            }
+            Ok(Content::Opaque) | Err(_) => line.base64 = Some(base64_of(plaintext)),
+        }
+        self.sink.push(&line);
+        Ok(())
+    }
+
+    /// Makes the batch durable: sink fsync, then the replay checkpoint.
+    ///
+    /// # Errors
+    /// [`SinkError`]: the batch is not durable; the caller must not acknowledge it and
+    /// should stop (the next start rebuilds the replay state from the sink).
+    pub fn commit(&mut self) -> Result<(), SinkError> {
+        let offset = self.sink.commit()?;
+        if let Err(err) = self.replay.checkpoint(offset) {
+            // The sink is durable; a stale checkpoint only means a longer catch-up.
+            tracing::warn!(error = %err, "replay checkpoint failed; the sink tail will be replayed on start");
+        }
+        Ok(())
+    }
+
+    /// Seals receipts for `routes` (grouped per gateway and device, 256 entries at
+    /// most per receipt) with each device's current key; returns `(gateway, device,
+    /// envelope)` ready to publish.
+    pub fn receipts(&mut self, routes: &[Route]) -> Vec<(String, String, Vec<u8>)> {
+        let mut grouped: BTreeMap<(&str, &str), Vec<ReceiptEntry>> = BTreeMap::new();
+        for route in routes {
+            grouped
+                .entry((&route.gateway, &route.device))
+                .or_default()
+                .push(route.entry);
+        }
+        let mut out = Vec::new();
+        for ((gateway, device), entries) in grouped {
+            let Ok(key) = self.keys.current(device) else {
+                continue;
+            };
+            for chunk in entries.chunks(e3::receipt::MAX_ENTRIES) {
+                let Ok(plaintext) = e3::encode_receipt_vec(chunk) else {
+                    continue;
+                };
+                let Some(seq) = self.next_downlink_seq(device) else {
+                    continue;
+                };
+                if let Ok(envelope) = key.seal(Kind::Receipt, seq, &plaintext) {
+                    out.push((gateway.to_owned(), device.to_owned(), envelope));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}

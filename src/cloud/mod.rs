@@ -1,0 +1,304 @@
+//! `blindgate cloud`: the cloud-side ingest. It subscribes to the gateways' uplink
+//! topics on the cloud broker (mutual TLS 1.3), opens each envelope with the device's
+//! key, applies the replay rule, writes accepted messages to the sink, and sends
+//! authenticated receipts back down through the gateway that carried them.
+//!
+//! # Delivery
+//!
+//! The broker's QoS 1 message is acknowledged (manual acks) only after the batch that
+//! holds it is fsync'd in the sink; receipts go out only then too. A crash before that
+//! means the broker delivers again, and the replay rule, rebuilt from the sink on start,
+//! turns the repeat into a duplicate that is answered with a receipt but not stored
+//! twice. So each accepted message is in the sink exactly once.
+//!
+//! # Layout
+//!
+//! - `ingest`: one envelope's checks and the batch commit.
+//! - `sink`: the JSON Lines sink (the log of record).
+//! - `replay`: replay windows checkpointed in sled.
+//! - `registry`: tenants, their devices and the gateways allowed to carry them.
+//! - `payload`, `images`: what is inside envelopes; image reassembly.
+//! - `metrics`: the ingest's Prometheus metrics.
+
+pub mod images;
+pub mod ingest;
+pub mod metrics;
+pub mod payload;
+pub mod registry;
+pub mod replay;
+pub mod sink;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{
+    AsyncClient, Event, Incoming, MqttOptions, Publish, QoS, TlsConfiguration, Transport,
+};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::KeyStore;
+use crate::topics::GatewayTemplate;
+use crate::uplink::Endpoint;
+use ingest::{Ingest, Outcome};
+pub use metrics::{CloudMetrics, CloudRejection};
+use registry::Registry;
+use replay::ReplayStore;
+use sink::{JsonlSink, SinkError};
+
+/// How the ingest connects and where it keeps things.
+#[derive(Debug, Clone)]
+pub struct CloudSettings {
+    /// The cloud broker.
+    pub broker: Endpoint,
+    /// TLS 1.3 client configuration with the ingest's certificate.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// MQTT client id; several instances need distinct ids.
+    pub client_id: String,
+    /// The subscription: `gw/+/e3/+/up`, or `$share/<group>/gw/+/e3/+/up` for several
+    /// instances behind a shared subscription.
+    pub subscription: String,
+    /// Uplink topics: `gw/{gateway_id}/e3/{device_id}/up`.
+    pub up_topic: GatewayTemplate,
+    /// Downlink topics: `gw/{gateway_id}/e3/{device_id}/down`.
+    pub down_topic: GatewayTemplate,
+    /// The device key store.
+    pub keys_dir: PathBuf,
+    /// Where the replay state lives.
+    pub state_dir: PathBuf,
+    /// The JSON Lines sink.
+    pub sink_path: PathBuf,
+    /// Where reassembled images go.
+    pub images_dir: PathBuf,
+    /// Tenants and gateways; `None` lets any gateway carry any known device.
+    pub registry: Option<Registry>,
+    /// Largest envelope accepted.
+    pub max_envelope: usize,
+    /// Messages per batch at most.
+    pub batch_max: usize,
+    /// Longest a message waits for its batch to be committed.
+    pub batch_delay: Duration,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+}
+
+/// Why the ingest stopped.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum CloudError {
+    /// The key store could not be opened.
+    #[error("cannot open the key store")]
+    Keys(#[source] crate::keys::KeyStoreError),
+    /// The replay state could not be opened.
+    #[error("cannot open the replay state in {path}")]
+    Replay {
+        /// Its directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: sled::Error,
+    },
+    /// The sink failed; nothing unacknowledged is lost (the broker delivers again).
+    #[error("sink failed")]
+    Sink(#[from] SinkError),
+    /// The images directory could not be created.
+    #[error("cannot create the images directory {path}")]
+    Images {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn open_ingest(settings: &CloudSettings, metrics: CloudMetrics) -> Result<Ingest, CloudError> {
+    let keys = KeyStore::open(&settings.keys_dir).map_err(CloudError::Keys)?;
+    let replay_path = settings.state_dir.join("replay");
+    let (replay, checkpoint) =
+        ReplayStore::open(&replay_path).map_err(|source| CloudError::Replay {
+            path: replay_path.clone(),
+            source,
+        })?;
+    if let Some(parent) = settings.sink_path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| CloudError::Images {
+            path: parent.to_owned(),
+            source,
+        })?;
+    }
+    let (sink, tail) = JsonlSink::open(&settings.sink_path, checkpoint)?;
+    let images =
+        images::ImageStore::open(&settings.images_dir).map_err(|source| CloudError::Images {
+            path: settings.images_dir.clone(),
+            source,
+        })?;
+    Ok(Ingest::new(
+        keys,
+        settings.registry.clone(),
+        replay,
+        sink,
+        tail,
+        images,
+        settings.up_topic.clone(),
+        settings.max_envelope,
+        metrics,
+    ))
+}
+
+/// Runs the ingest until `shutdown`.
+///
+/// # Errors
+/// [`CloudError`] if it cannot start, or if the sink fails (then it stops without
+/// acknowledging what was not stored).
+pub async fn run(
+    settings: CloudSettings,
+    metrics: CloudMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), CloudError> {
+    let mut ingest = open_ingest(&settings, metrics.clone())?;
+    let mut delay = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let connected = Session::new(&settings, &mut ingest, &metrics)
+            .run(&shutdown)
+            .await?;
+        if connected {
+            delay = Duration::from_millis(200);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    Ok(())
+}
+
+/// One connection to the broker.
+struct Session<'a> {
+    settings: &'a CloudSettings,
+    ingest: &'a mut Ingest,
+    metrics: &'a CloudMetrics,
+    pending: Vec<(Publish, Outcome)>,
+    batch_started: Option<Instant>,
+}
+
+impl<'a> Session<'a> {
+    fn new(settings: &'a CloudSettings, ingest: &'a mut Ingest, metrics: &'a CloudMetrics) -> Self {
+        Self {
+            settings,
+            ingest,
+            metrics,
+            pending: Vec::new(),
+            batch_started: None,
+        }
+    }
+
+    fn options(&self) -> MqttOptions {
+        let s = self.settings;
+        let mut options = MqttOptions::new(&s.client_id, &s.broker.host, s.broker.port);
+        options
+            .set_keep_alive(s.keep_alive)
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_max_packet_size(s.max_envelope + 1024, s.max_envelope + 1024)
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::clone(&s.tls),
+            )));
+        options
+    }
+
+    /// Returns whether the broker accepted the connection.
+    async fn run(mut self, shutdown: &CancellationToken) -> Result<bool, CloudError> {
+        let capacity = self.settings.batch_max.max(1) * 2 + 64;
+        let (client, mut eventloop) = AsyncClient::new(self.options(), capacity);
+        let (tx, mut events) = mpsc::channel(256);
+        let poller = tokio::spawn(async move {
+            loop {
+                let event = eventloop.poll().await;
+                let failed = event.is_err();
+                if tx.send(event).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut connected = false;
+        let result = loop {
+            let deadline = self.batch_started.map(|t| t + self.settings.batch_delay);
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    let committed = self.flush(&client);
+                    let _ = client.try_disconnect();
+                    break committed;
+                }
+                event = events.recv() => match event {
+                    Some(Ok(Event::Incoming(Incoming::ConnAck(_)))) => {
+                        connected = true;
+                        tracing::info!(broker = %self.settings.broker, "cloud ingest connected");
+                        let _ = client.try_subscribe(self.settings.subscription.clone(), QoS::AtLeastOnce);
+                    }
+                    Some(Ok(Event::Incoming(Incoming::Publish(publish)))) => {
+                        let outcome = self.ingest.process(&publish.topic, &publish.payload, now_ms());
+                        self.pending.push((publish, outcome));
+                        self.batch_started.get_or_insert_with(Instant::now);
+                        if self.pending.len() >= self.settings.batch_max
+                            && let Err(err) = self.flush(&client)
+                        {
+                            break Err(err);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => {
+                        tracing::warn!(broker = %self.settings.broker, error = %err, "cloud ingest connection lost");
+                        // Store what was processed; the broker will deliver it again
+                        // (unacknowledged), and the repeat is answered as a duplicate.
+                        break self.flush(&client);
+                    }
+                    None => break self.flush(&client),
+                },
+                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    if let Err(err) = self.flush(&client) {
+                        break Err(err);
+                    }
+                }
+            }
+        };
+        poller.abort();
+        result.map(|()| connected)
+    }
+
+    /// Commits the batch, then acknowledges it to the broker and sends receipts.
+    fn flush(&mut self, client: &AsyncClient) -> Result<(), CloudError> {
+        self.batch_started = None;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.ingest.commit()?;
+        let pending = std::mem::take(&mut self.pending);
+        let mut routes = Vec::new();
+        for (publish, outcome) in &pending {
+            let _ = client.try_ack(publish);
+            if let Outcome::Accepted(route) | Outcome::Duplicate(route) = outcome {
+                routes.push(route.clone());
+            }
+        }
+        for (gateway, device, envelope) in self.ingest.receipts(&routes) {
+            let topic = self.settings.down_topic.render(&gateway, &device);
+            if client
+                .try_publish(topic, QoS::AtLeastOnce, false, envelope)
+                .is_ok()
+            {
+                self.metrics.receipts.inc();
+            }
+        }
+        Ok(())
+    }
+}

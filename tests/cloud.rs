@@ -1,0 +1,344 @@
+//! The cloud ingest end to end: devices → gateway → Mosquitto (mutual TLS 1.3) →
+//! `cloud::run` with a real key store, replay state and JSON Lines sink. Receipts go
+//! back down through the gateway.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blindgate::cloud::sink::SinkLine;
+use blindgate::cloud::{CloudMetrics, CloudRejection, CloudSettings};
+use blindgate::gateway::Gateway;
+use blindgate::keys::KeyStore;
+use blindgate::pki::DevPki;
+use blindgate::tls::{CipherOrder, UplinkTlsOptions, uplink_client_config};
+use blindgate::topics::GatewayTemplate;
+use blindgate::uplink::Endpoint;
+use common::mosquitto::{Mosquitto, TlsMode, require_mosquitto, start_cloud_broker};
+use common::proxy::Proxy;
+use rumqttc::{Event, EventLoop, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Cloud {
+    dir: tempfile::TempDir,
+    pki: DevPki,
+    broker: Mosquitto,
+    link: Proxy,
+    keys: KeyStore,
+    metrics: CloudMetrics,
+    stop: CancellationToken,
+}
+
+fn settings(dir: &Path, pki: &DevPki, port: u16) -> CloudSettings {
+    let tls = uplink_client_config(&UplinkTlsOptions {
+        ca: pki.cloud_ca.cert.clone(),
+        cert: pki.cloud_ingest.cert.clone(),
+        key: pki.cloud_ingest.key.clone(),
+        pins_sha256: Vec::new(),
+        cipher_order: CipherOrder::Auto,
+    })
+    .expect("ingest TLS");
+    CloudSettings {
+        broker: Endpoint {
+            host: "localhost".into(),
+            port,
+        },
+        tls: Arc::clone(&tls),
+        client_id: "ingest-1".into(),
+        subscription: "gw/+/e3/+/up".into(),
+        up_topic: GatewayTemplate::new("gw/{gateway_id}/e3/{device_id}/up").expect("template"),
+        down_topic: GatewayTemplate::new("gw/{gateway_id}/e3/{device_id}/down").expect("template"),
+        keys_dir: dir.join("keys"),
+        state_dir: dir.join("state"),
+        sink_path: dir.join("messages.jsonl"),
+        images_dir: dir.join("images"),
+        registry: None,
+        max_envelope: 131_072,
+        batch_max: 64,
+        batch_delay: Duration::from_millis(10),
+        keep_alive: Duration::from_secs(10),
+    }
+}
+
+impl Cloud {
+    async fn start(devices: &[&str]) -> Option<Self> {
+        if !require_mosquitto() {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = common::dev_pki(dir.path(), devices);
+        let broker = start_cloud_broker(&dir.path().join("broker"), &pki, TlsMode::Tls13MutualAuth);
+        let link = Proxy::start(([127, 0, 0, 1], broker.port).into())
+            .await
+            .expect("link");
+        let keys = KeyStore::open(&dir.path().join("keys")).expect("key store");
+        let cloud = Self {
+            dir,
+            pki,
+            broker,
+            link,
+            keys,
+            metrics: CloudMetrics::new(),
+            stop: CancellationToken::new(),
+        };
+        cloud.run_ingest();
+        Some(cloud)
+    }
+
+    /// Starts (or restarts) the ingest; its session on the broker persists.
+    fn run_ingest(&self) {
+        let settings = settings(self.dir.path(), &self.pki, self.broker.port);
+        let (metrics, stop) = (self.metrics.clone(), self.stop.clone());
+        tokio::spawn(async move { blindgate::cloud::run(settings, metrics, stop).await });
+    }
+
+    async fn gateway(&self) -> Gateway {
+        Gateway::start(common::gateway_plan(
+            self.dir.path(),
+            &self.pki,
+            self.link.port,
+        ))
+        .await
+        .expect("gateway")
+    }
+
+    fn sink(&self) -> Vec<SinkLine> {
+        std::fs::read_to_string(self.dir.path().join("messages.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("sink line parses"))
+            .collect()
+    }
+
+    async fn wait_sink(&self, n: usize) -> Vec<SinkLine> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let lines = self.sink();
+                if lines.len() >= n {
+                    return lines;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("sink filled in time")
+    }
+}
+
+/// A device connected to the gateway and subscribed to its downlink topic.
+async fn device(cloud: &Cloud, gateway: &Gateway, id: &str) -> (rumqttc::AsyncClient, EventLoop) {
+    let paths = &cloud
+        .pki
+        .devices
+        .iter()
+        .find(|(d, _)| d == id)
+        .expect("device")
+        .1;
+    let tls = common::client_tls(&cloud.pki.device_ca.cert, &paths.cert, &paths.key);
+    let (client, mut eventloop) = common::mqtt_client(id, gateway.device_addr().port(), tls);
+    client
+        .subscribe(format!("e3/{id}/down"), QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = eventloop.poll().await {
+            break;
+        }
+    }
+    (client, eventloop)
+}
+
+/// Publishes and collects downlink envelopes until `n` arrived.
+async fn publish_and_collect(
+    client: &rumqttc::AsyncClient,
+    eventloop: &mut EventLoop,
+    id: &str,
+    envelopes: &[Vec<u8>],
+    n: usize,
+) -> Vec<Vec<u8>> {
+    for envelope in envelopes {
+        client
+            .publish(
+                format!("e3/{id}/up"),
+                QoS::AtLeastOnce,
+                false,
+                envelope.clone(),
+            )
+            .await
+            .expect("publish");
+    }
+    let mut down = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while down.len() < n {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = eventloop.poll().await {
+                down.push(p.payload.to_vec());
+            }
+        }
+    })
+    .await
+    .expect("downlink arrived");
+    down
+}
+
+fn receipt_seqs(key: &e3::DeviceKey, envelopes: &[Vec<u8>]) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for envelope in envelopes {
+        let (header, plaintext) = key
+            .open(envelope)
+            .expect("receipt opens with the device key");
+        assert_eq!(header.kind(), e3::Kind::Receipt);
+        seqs.extend(
+            e3::decode_receipt(&plaintext)
+                .expect("valid receipt")
+                .map(|e| e.seq),
+        );
+    }
+    seqs.sort_unstable();
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_arrives_intact_and_the_device_gets_an_authenticated_receipt() {
+    let Some(cloud) = Cloud::start(&["pump-17"]).await else {
+        return;
+    };
+    let key = cloud
+        .keys
+        .provision("pump-17", e3::Suite::ChaCha20Poly1305)
+        .expect("provision");
+    let gateway = cloud.gateway().await;
+    let (client, mut eventloop) = device(&cloud, &gateway, "pump-17").await;
+    let reading = br#"{"device_id":"pump-17","ts_ms":1,"readings":[{"type":"temperature","value":21.5,"unit":"C"}]}"#;
+    let envelope = key.seal(e3::Kind::Uplink, 1, reading).expect("seal");
+    let down = publish_and_collect(&client, &mut eventloop, "pump-17", &[envelope], 1).await;
+    let lines = cloud.wait_sink(1).await;
+    assert_eq!(lines[0].device, "pump-17");
+    assert_eq!(lines[0].gateway, "gw-1");
+    assert_eq!(lines[0].seq, 1);
+    let expected: serde_json::Value = serde_json::from_slice(reading).expect("json");
+    assert_eq!(lines[0].json.as_ref(), Some(&expected));
+    assert_eq!(receipt_seqs(&key, &down), vec![1]);
+    gateway.stop().await;
+    cloud.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_envelope_is_stored_once_counted_and_receipted_again() {
+    let Some(cloud) = Cloud::start(&["pump-17"]).await else {
+        return;
+    };
+    let key = cloud
+        .keys
+        .provision("pump-17", e3::Suite::Aes256Gcm)
+        .expect("provision");
+    let gateway = cloud.gateway().await;
+    let (client, mut eventloop) = device(&cloud, &gateway, "pump-17").await;
+    let envelope = key.seal(e3::Kind::Uplink, 7, b"{\"v\":1}").expect("seal");
+    let down = publish_and_collect(
+        &client,
+        &mut eventloop,
+        "pump-17",
+        std::slice::from_ref(&envelope),
+        1,
+    )
+    .await;
+    let again = publish_and_collect(&client, &mut eventloop, "pump-17", &[envelope], 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(cloud.sink().len(), 1, "stored once");
+    assert_eq!(cloud.metrics.rejected(CloudRejection::Duplicate), 1);
+    assert_eq!(receipt_seqs(&key, &down), vec![7]);
+    assert_eq!(
+        receipt_seqs(&key, &again),
+        vec![7],
+        "the repeat is receipted too"
+    );
+    gateway.stop().await;
+    cloud.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_rotate_queued_old_key_messages_still_open_and_after_shred_they_do_not() {
+    let Some(cloud) = Cloud::start(&["pump-17", "meter-9"]).await else {
+        return;
+    };
+    let pump = cloud
+        .keys
+        .provision("pump-17", e3::Suite::ChaCha20Poly1305)
+        .expect("provision");
+    let meter = cloud
+        .keys
+        .provision("meter-9", e3::Suite::ChaCha20Poly1305)
+        .expect("provision");
+    let gateway = cloud.gateway().await;
+    cloud.link.cut();
+    // Sealed with key 1 and queued in the gateway during the outage.
+    let (pump_client, mut pump_loop) = device(&cloud, &gateway, "pump-17").await;
+    let (meter_client, mut meter_loop) = device(&cloud, &gateway, "meter-9").await;
+    for seq in 1..=3 {
+        let e = pump
+            .seal(e3::Kind::Uplink, seq, b"{\"old\":true}")
+            .expect("seal");
+        pump_client
+            .publish("e3/pump-17/up", QoS::AtLeastOnce, false, e)
+            .await
+            .expect("publish");
+        let e = meter
+            .seal(e3::Kind::Uplink, seq, b"{\"old\":true}")
+            .expect("seal");
+        meter_client
+            .publish("e3/meter-9/up", QoS::AtLeastOnce, false, e)
+            .await
+            .expect("publish");
+    }
+    tokio::time::timeout(WAIT, async {
+        while gateway.queue().stats().total.records < 6 {
+            let _ = tokio::time::timeout(Duration::from_millis(20), pump_loop.poll()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(20), meter_loop.poll()).await;
+        }
+    })
+    .await
+    .expect("queued during the outage");
+    let now = blindgate_now_ms();
+    let rotation = cloud
+        .keys
+        .rotate("pump-17", Duration::from_secs(3600), now)
+        .expect("rotate");
+    assert_eq!(rotation.new.key_id(), 2);
+    cloud.keys.shred("meter-9", now).expect("shred");
+    cloud.link.restore();
+
+    let lines = cloud.wait_sink(3).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lines = if cloud.sink().len() > lines.len() {
+        cloud.sink()
+    } else {
+        lines
+    };
+    assert!(
+        lines.iter().all(|l| l.device == "pump-17" && l.key_id == 1),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines.len(),
+        3,
+        "pump-17's old-key messages open within the grace period"
+    );
+    assert_eq!(
+        cloud.metrics.rejected(CloudRejection::Shredded),
+        3,
+        "meter-9's cannot be opened"
+    );
+    gateway.stop().await;
+    cloud.stop.cancel();
+}
+
+fn blindgate_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
