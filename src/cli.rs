@@ -30,6 +30,9 @@ enum Command {
     /// Certificates for development and tests.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Cloud side: the ingest, and commands to devices.
+    #[command(subcommand)]
+    Cloud(crate::cloud::cli::CloudCommand),
     /// Cloud side: the device key store (provision, rotate, shred, list).
     #[command(subcommand)]
     Keys(keys::cli::KeysCommand),
@@ -82,6 +85,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Command::Certs(CertsCommand::Dev(args)) => pki::cli::run(args).map_err(Into::into),
         Command::Device(cmd) => device::cli::run(cmd).map_err(Into::into),
         Command::Keys(cmd) => keys::cli::run(cmd).map_err(Into::into),
+        Command::Cloud(cmd) => crate::cloud::cli::run(cmd),
     }
 }
 

@@ -12,7 +12,31 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 
-/// What the endpoint reports on.
+/// What an HTTP endpoint reports: the gateway's [`Health`], or the cloud ingest's
+/// metrics.
+pub trait Report: Clone + Send + Sync + 'static {
+    /// The Prometheus text for `/metrics`.
+    fn metrics_text(&self) -> String;
+    /// `Ok` when ready; otherwise why not (for `/readyz`).
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl Report for crate::cloud::CloudMetrics {
+    fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        if prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .is_err()
+        {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// What the gateway's endpoint reports on.
 #[derive(Clone)]
 pub struct Health {
     queue: Queue,
@@ -29,10 +53,12 @@ impl Health {
             max_ack_age,
         }
     }
+}
 
+impl Report for Health {
     /// Ready unless records have waited longer than `max_ack_age` and the cloud has not
     /// acknowledged anything for that long: "connected but stuck" is not ready.
-    pub fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), String> {
         let stats = self.queue.stats();
         let now = now_ms();
         let Some(oldest) = stats.oldest_arrival_ms else {
@@ -62,7 +88,7 @@ impl Health {
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(listener: TcpListener, health: Health, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, health: impl Report, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -81,7 +107,7 @@ pub async fn serve(listener: TcpListener, health: Health, shutdown: Cancellation
     }
 }
 
-async fn respond(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
+async fn respond(mut stream: TcpStream, health: &impl Report) -> std::io::Result<()> {
     let mut request = [0u8; 2048];
     let mut len = 0;
     while len < request.len() {

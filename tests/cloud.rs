@@ -342,3 +342,126 @@ fn blindgate_now_ms() -> u64 {
         .expect("clock after 1970")
         .as_millis() as u64
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_through_a_gateway_not_allowed_to_carry_the_device_is_refused() {
+    let Some(cloud) = Cloud::start(&["pump-17"]).await else {
+        return;
+    };
+    let key = cloud
+        .keys
+        .provision("pump-17", e3::Suite::ChaCha20Poly1305)
+        .expect("provision");
+    // A second ingest with a registry that lets only gw-2 carry pump-17.
+    let registry = blindgate::cloud::registry::Registry::parse(
+        "[[tenant]]\nname = 't'\ngateways = ['gw-2']\ndevices = ['pump-17']\n",
+        Path::new("registry.toml"),
+    )
+    .expect("registry");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut strict = settings(dir.path(), &cloud.pki, cloud.broker.port);
+    strict.keys_dir = cloud.dir.path().join("keys");
+    strict.client_id = "ingest-strict".into();
+    strict.registry = Some(registry);
+    let metrics = CloudMetrics::new();
+    let stop = CancellationToken::new();
+    tokio::spawn(blindgate::cloud::run(strict, metrics.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let gateway = cloud.gateway().await; // gw-1
+    let (client, mut eventloop) = device(&cloud, &gateway, "pump-17").await;
+    let envelope = key.seal(e3::Kind::Uplink, 1, b"{}").expect("seal");
+    publish_and_collect(&client, &mut eventloop, "pump-17", &[envelope], 1).await;
+    tokio::time::timeout(WAIT, async {
+        while metrics.rejected(CloudRejection::NotAllowed) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the strict ingest refused it");
+    assert!(
+        !dir.path().join("messages.jsonl").exists()
+            || std::fs::read_to_string(dir.path().join("messages.jsonl"))
+                .expect("read")
+                .is_empty()
+    );
+    stop.cancel();
+    gateway.stop().await;
+    cloud.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_from_the_cloud_reaches_and_opens_on_the_device() {
+    let Some(cloud) = Cloud::start(&["pump-17"]).await else {
+        return;
+    };
+    let key = cloud
+        .keys
+        .provision("pump-17", e3::Suite::Aes256Gcm)
+        .expect("provision");
+    let gateway = cloud.gateway().await;
+    let (_client, mut eventloop) = device(&cloud, &gateway, "pump-17").await;
+    tokio::time::timeout(WAIT, async {
+        while gateway.metrics().uplink_connected.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("uplink up");
+    let (seq, envelope) = blindgate::cloud::commands::seal_command(
+        &cloud.keys,
+        "pump-17",
+        br#"{"cmd":"open-valve"}"#,
+    )
+    .expect("sealed");
+    let s = settings(cloud.dir.path(), &cloud.pki, cloud.broker.port);
+    blindgate::cloud::commands::publish_once(
+        &s.broker,
+        s.tls,
+        "cmd-1",
+        "gw/gw-1/e3/pump-17/down".into(),
+        envelope,
+        WAIT,
+    )
+    .await
+    .expect("broker took it");
+    let publish = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = eventloop.poll().await {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("command arrived");
+    let (header, plaintext) = key
+        .open(&publish.payload)
+        .expect("opens with the device key");
+    assert_eq!(header.kind(), e3::Kind::Command);
+    assert_eq!(header.seq(), seq);
+    assert_eq!(plaintext, br#"{"cmd":"open-valve"}"#);
+    gateway.stop().await;
+    cloud.stop.cancel();
+}
+
+#[test]
+fn the_example_cloud_config_works_with_the_output_of_certs_dev() {
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(root.path().join("config")).expect("dir");
+    for name in ["cloud.toml", "registry.toml"] {
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config")
+            .join(name);
+        std::fs::copy(from, root.path().join("config").join(name)).expect("copy");
+    }
+    blindgate::pki::generate_dev_pki(&blindgate::pki::DevPkiOptions {
+        out_dir: root.path().join("certs/dev"),
+        ..Default::default()
+    })
+    .expect("dev PKI");
+    let config =
+        blindgate::cloud::config::load(&root.path().join("config/cloud.toml")).expect("loads");
+    assert_eq!(config.settings.subscription, "gw/+/e3/+/up");
+    assert_eq!(config.rotation.interval, Duration::from_secs(24 * 3600));
+    assert!(config.settings.registry.is_some());
+}

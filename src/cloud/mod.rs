@@ -20,6 +20,9 @@
 //! - `payload`, `images`: what is inside envelopes; image reassembly.
 //! - `metrics`: the ingest's Prometheus metrics.
 
+pub mod cli;
+pub mod commands;
+pub mod config;
 pub mod images;
 pub mod ingest;
 pub mod metrics;

@@ -118,6 +118,18 @@ impl Registry {
         Ok(registry)
     }
 
+    /// The gateways that may carry `device`, sorted.
+    pub fn gateways_for(&self, device: &str) -> Vec<String> {
+        let mut gateways: Vec<String> = self
+            .tenant_of
+            .get(device)
+            .and_then(|tenant| self.gateways_of.get(tenant))
+            .map(|g| g.iter().cloned().collect())
+            .unwrap_or_default();
+        gateways.sort_unstable();
+        gateways
+    }
+
     /// The tenant of `device`, if `gateway` may carry it.
     pub fn allowed(&self, gateway: &str, device: &str) -> Option<&str> {
         let tenant = self.tenant_of.get(device)?;

@@ -1,0 +1,197 @@
+//! `blindgate cloud run|send-command`: the ingest as a service (with scheduled key
+//! rotation and a metrics endpoint), and sending one command to a device.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use super::commands::{publish_once, seal_command};
+use super::config::{CloudConfig, load};
+use super::{CloudMetrics, CloudSettings};
+use crate::keys::{KeyStore, now_ms};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The `cloud` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CloudCommand {
+    /// Run the cloud ingest until SIGTERM.
+    Run(RunArgs),
+    /// Seal a command for a device and publish it down through its gateway.
+    SendCommand(SendArgs),
+}
+
+/// Flags of `cloud run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The cloud config file.
+    #[arg(
+        long,
+        short,
+        value_name = "FILE",
+        default_value = "/etc/blindgate/cloud.toml"
+    )]
+    config: PathBuf,
+}
+
+/// Flags of `cloud send-command`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The cloud config file.
+    #[arg(
+        long,
+        short,
+        value_name = "FILE",
+        default_value = "/etc/blindgate/cloud.toml"
+    )]
+    config: PathBuf,
+    /// The device the command is for.
+    #[arg(long)]
+    device: String,
+    /// The gateway to send it through (default: the one the registry allows, if just one).
+    #[arg(long)]
+    gateway: Option<String>,
+    /// The command: a JSON object with a `cmd` field (docs/PAYLOADS.md).
+    command: String,
+}
+
+/// Runs a `cloud` subcommand.
+///
+/// # Errors
+/// Config, key store, broker or sink failures.
+pub fn run(cmd: CloudCommand) -> Result<(), BoxError> {
+    crate::logging::init(crate::logging::LogFormat::Human, "info");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cmd {
+        CloudCommand::Run(args) => runtime.block_on(run_ingest(load(&args.config)?)),
+        CloudCommand::SendCommand(args) => runtime.block_on(send(&args)),
+    }
+}
+
+async fn run_ingest(config: CloudConfig) -> Result<(), BoxError> {
+    let metrics = CloudMetrics::new();
+    let stop = CancellationToken::new();
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tokio::spawn(crate::http::serve(
+            listener,
+            metrics.clone(),
+            stop.child_token(),
+        ));
+    }
+    tokio::spawn(rotate_on_schedule(config.clone(), stop.child_token()));
+    let ingest = tokio::spawn(super::run(config.settings, metrics, stop.child_token()));
+    crate::shutdown::terminate_signal().await;
+    stop.cancel();
+    ingest.await??;
+    Ok(())
+}
+
+async fn send(args: &SendArgs) -> Result<(), BoxError> {
+    let config = load(&args.config)?;
+    let settings = &config.settings;
+    serde_json::from_str::<serde_json::Value>(&args.command)
+        .ok()
+        .filter(|v| v.get("cmd").is_some())
+        .ok_or("the command must be a JSON object with a \"cmd\" field")?;
+    let gateway = match &args.gateway {
+        Some(gateway) => gateway.clone(),
+        None => only_gateway(settings, &args.device)?,
+    };
+    let keys = KeyStore::open(&settings.keys_dir)?;
+    let (seq, envelope) = seal_command(&keys, &args.device, args.command.as_bytes())?;
+    let topic = settings.down_topic.render(&gateway, &args.device);
+    let client_id = format!("{}-command", settings.client_id);
+    publish_once(
+        &settings.broker,
+        Arc::clone(&settings.tls),
+        &client_id,
+        topic.clone(),
+        envelope,
+        Duration::from_secs(10),
+    )
+    .await?;
+    println!("sent command seq {seq} to {} on {topic}", args.device);
+    Ok(())
+}
+
+fn only_gateway(settings: &CloudSettings, device: &str) -> Result<String, BoxError> {
+    let registry = settings
+        .registry
+        .as_ref()
+        .ok_or("no registry configured: name the gateway with --gateway")?;
+    let gateways = registry.gateways_for(device);
+    match gateways.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(format!("the registry lets no gateway carry {device}").into()),
+        _ => {
+            Err(format!("{device} may come through {gateways:?}: choose one with --gateway").into())
+        }
+    }
+}
+
+/// Rotates every device whose key is older than the interval and sends each its
+/// `rekey` command through every gateway the registry allows for it (the device's
+/// replay rule drops the extra copies).
+async fn rotate_on_schedule(config: CloudConfig, stop: CancellationToken) {
+    let settings = config.settings;
+    let check_every =
+        (config.rotation.interval / 10).clamp(Duration::from_secs(1), Duration::from_secs(300));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(check_every) => {}
+        }
+        let Ok(keys) = KeyStore::open(&settings.keys_dir) else {
+            continue;
+        };
+        for device in keys.devices().unwrap_or_default() {
+            if !keys.rotation_due(&device, config.rotation.interval, now_ms()) {
+                continue;
+            }
+            let gateways = settings
+                .registry
+                .as_ref()
+                .map(|r| r.gateways_for(&device))
+                .unwrap_or_default();
+            if gateways.is_empty() {
+                tracing::warn!(
+                    device,
+                    "rotation due, but no gateway is known to carry the rekey command; skipped"
+                );
+                continue;
+            }
+            match keys.rotate(&device, config.rotation.grace, now_ms()) {
+                Ok(rotation) => {
+                    for gateway in &gateways {
+                        let topic = settings.down_topic.render(gateway, &device);
+                        let client_id = format!("{}-rotation", settings.client_id);
+                        let sent = publish_once(
+                            &settings.broker,
+                            Arc::clone(&settings.tls),
+                            &client_id,
+                            topic,
+                            rotation.command.clone(),
+                            Duration::from_secs(10),
+                        )
+                        .await;
+                        if let Err(err) = sent {
+                            tracing::error!(device, gateway, error = %err, "rekey command not delivered to the broker");
+                        }
+                    }
+                    tracing::info!(
+                        device,
+                        key_id = rotation.new.key_id(),
+                        "key rotated; rekey command sent"
+                    );
+                }
+                Err(err) => tracing::error!(device, error = %err, "scheduled rotation failed"),
+            }
+        }
+    }
+}
