@@ -27,10 +27,7 @@ use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
     SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::ClientConfig;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -42,7 +39,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::payload::{ImageChunks, Message, Producer, Rng};
 use super::state::DeviceState;
 use super::{DeviceConfig, DeviceError, DeviceReport};
-use crate::tls::{TlsError, load_certs, load_private_key, load_root_store};
+use crate::tls::{CipherOrder, TlsError, UplinkTlsOptions, client_config_for_server_name};
 
 /// Requests rumqttc buffers; when full, the send queue waits for the next event.
 const REQUEST_CHANNEL: usize = 16;
@@ -303,80 +300,21 @@ impl Driver {
     }
 }
 
-/// Checks the gateway's certificate against the configured server name. rumqttc dials
-/// and names the server with one string; the device dials the gateway's address, so
-/// the name rumqttc passes is that address, and this verifier uses the configured
-/// name instead (chain and signatures are checked by rustls's WebPKI verifier).
-#[derive(Debug)]
-struct GatewayVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    name: ServerName<'static>,
-}
-
-impl ServerCertVerifier for GatewayVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _dialled: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 /// TLS 1.3 only (ring), the device certificate as client certificate, the gateway's
-/// certificate checked against the device CA and `server_name`.
+/// certificate checked against the device CA and `server_name` (the device dials an
+/// address; rumqttc would otherwise check the certificate against that address).
 fn device_tls(config: &DeviceConfig) -> Result<Arc<ClientConfig>, DeviceError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = Arc::new(load_root_store(&config.ca).map_err(DeviceError::Tls)?);
-    let inner = WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(&provider))
-        .build()
-        .map_err(|e| DeviceError::Tls(TlsError::Verifier(e)))?;
-    let name =
-        ServerName::try_from(config.server_name.clone()).map_err(|_| DeviceError::ServerName {
-            name: config.server_name.clone(),
-        })?;
-    let chain = load_certs(&config.cert).map_err(DeviceError::Tls)?;
-    let key = load_private_key(&config.key).map_err(DeviceError::Tls)?;
-    let tls = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| DeviceError::Tls(TlsError::Rustls(e)))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(GatewayVerifier { inner, name }))
-        .with_client_auth_cert(chain, key)
-        .map_err(|source| {
-            DeviceError::Tls(TlsError::CertifiedKey {
-                cert: config.cert.clone(),
-                key: config.key.clone(),
-                source,
-            })
-        })?;
-    Ok(Arc::new(tls))
+    let options = UplinkTlsOptions {
+        ca: config.ca.clone(),
+        cert: config.cert.clone(),
+        key: config.key.clone(),
+        pins_sha256: Vec::new(),
+        cipher_order: CipherOrder::Auto,
+    };
+    client_config_for_server_name(&options, &config.server_name).map_err(|err| match err {
+        TlsError::ServerName { name } => DeviceError::ServerName { name },
+        other => DeviceError::Tls(other),
+    })
 }
 
 /// Runs one device; see [`super::run_device`].

@@ -102,11 +102,35 @@ fn cpu_has_aes() -> bool {
 /// Any file that cannot be loaded (the error names it), a CA bundle rustls refuses, or
 /// a key that does not match the certificate.
 pub fn uplink_client_config(opts: &UplinkTlsOptions) -> Result<Arc<ClientConfig>, TlsError> {
+    build_client_config(opts, None)
+}
+
+/// As [`uplink_client_config`], but the server certificate is checked against
+/// `server_name` whatever address is dialled. rumqttc uses one string both to dial and
+/// to name the server; a client that dials an IP address but must check a DNS name
+/// (as a device dialling its gateway does) uses this.
+///
+/// # Errors
+/// As [`uplink_client_config`], and [`TlsError::ServerName`] for an invalid name.
+pub fn client_config_for_server_name(
+    opts: &UplinkTlsOptions,
+    server_name: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|_| TlsError::ServerName {
+        name: server_name.to_owned(),
+    })?;
+    build_client_config(opts, Some(name))
+}
+
+fn build_client_config(
+    opts: &UplinkTlsOptions,
+    server_name: Option<ServerName<'static>>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = Arc::new(CryptoProvider {
         cipher_suites: ordered_tls13_suites(opts.cipher_order),
         ..ring_provider()
     });
-    let verifier = server_verifier(opts, &provider)?;
+    let verifier = server_verifier(opts, server_name, &provider)?;
     let chain = load_certs(&opts.cert)?;
     let key = load_private_key(&opts.key)?;
     let config = ClientConfig::builder_with_provider(provider)
@@ -168,31 +192,36 @@ fn ordered_tls13_suites(order: CipherOrder) -> Vec<SupportedCipherSuite> {
 
 fn server_verifier(
     opts: &UplinkTlsOptions,
+    server_name: Option<ServerName<'static>>,
     provider: &Arc<CryptoProvider>,
 ) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
     let roots = Arc::new(load_root_store(&opts.ca)?);
     let webpki = WebPkiServerVerifier::builder_with_provider(roots, Arc::clone(provider))
         .build()
         .map_err(TlsError::Verifier)?;
-    if opts.pins_sha256.is_empty() {
+    if opts.pins_sha256.is_empty() && server_name.is_none() {
         return Ok(webpki);
     }
-    Ok(Arc::new(PinnedServerVerifier {
+    Ok(Arc::new(CheckedVerifier {
         webpki,
         pins: opts.pins_sha256.clone(),
+        server_name,
     }))
 }
 
-/// WebPKI validation (chain, validity, host name), then an SPKI pin check.
+/// WebPKI validation (chain, validity, host name), optionally against a fixed server
+/// name instead of the dialled one, then an SPKI pin check if there are pins.
 #[derive(Debug)]
-struct PinnedServerVerifier {
+struct CheckedVerifier {
     /// Does all the normal validation; the pin check runs only after it succeeded.
     webpki: Arc<WebPkiServerVerifier>,
-    /// Never empty (an empty list means no pinning, and no wrapper).
+    /// Empty: no pinning.
     pins: Vec<[u8; 32]>,
+    /// `Some`: the name the certificate must carry, whatever was dialled.
+    server_name: Option<ServerName<'static>>,
 }
 
-impl ServerCertVerifier for PinnedServerVerifier {
+impl ServerCertVerifier for CheckedVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -201,13 +230,13 @@ impl ServerCertVerifier for PinnedServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self.webpki.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
+        let name = self.server_name.as_ref().unwrap_or(server_name);
+        let verified =
+            self.webpki
+                .verify_server_cert(end_entity, intermediates, name, ocsp_response, now)?;
+        if self.pins.is_empty() {
+            return Ok(verified);
+        }
         let spki = spki_sha256(end_entity).map_err(certificate_error)?;
         if self.pins.contains(&spki) {
             Ok(verified)

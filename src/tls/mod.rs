@@ -22,7 +22,8 @@ use std::io;
 use std::path::PathBuf;
 
 pub use client::{
-    CipherOrder, UplinkTlsOptions, cipher_order_names, parse_pin, uplink_client_config,
+    CipherOrder, UplinkTlsOptions, cipher_order_names, client_config_for_server_name, parse_pin,
+    uplink_client_config,
 };
 pub use identity::{certificate_identities, identity_matches, not_after, spki_sha256};
 pub use pem::{load_certs, load_private_key, load_root_store};
@@ -95,6 +96,12 @@ pub enum TlsError {
         pin: String,
     },
     /// The server's public key matches none of the configured pins.
+    /// A server name that is not a valid DNS name or IP address.
+    #[error("invalid server name {name:?}")]
+    ServerName {
+        /// The name.
+        name: String,
+    },
     #[error("server certificate public key matches none of the configured SHA-256 pins")]
     PinMismatch,
     /// A certificate is not valid X.509 DER.
