@@ -3,12 +3,13 @@
 //! the cloud acknowledged something recently). A deliberately small HTTP/1.1 responder:
 //! GET only, one request per connection, bounded request size and time.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 
@@ -147,10 +148,4 @@ async fn respond(mut stream: TcpStream, health: &impl Report) -> std::io::Result
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -4,6 +4,7 @@
 //! # Layout
 //!
 //! - [`cloud`]: `blindgate cloud`, the cloud-side ingest (open, replay rule, sink, receipts).
+//! - [`clock`]: the wall clock in milliseconds (one definition for every timestamp).
 //! - [`cli`]: the command line (one binary, subcommands) and its dispatch.
 //! - [`e3_tool`]: `blindgate e3 seal|open|keygen`, local tools over device key files.
 //! - [`demo`]: `blindgate demo`, the whole system on loopback (embedded rumqttd, cuttable link).
@@ -27,6 +28,7 @@
 //! The envelope format itself lives in the workspace crate `e3`.
 
 pub mod cli;
+pub mod clock;
 pub mod cloud;
 pub mod config;
 pub mod demo;

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use blindgate::cloud::sink::SinkLine;
@@ -13,9 +12,6 @@ use blindgate::cloud::{CloudMetrics, CloudRejection, CloudSettings};
 use blindgate::gateway::Gateway;
 use blindgate::keys::KeyStore;
 use blindgate::pki::DevPki;
-use blindgate::tls::{CipherOrder, UplinkTlsOptions, uplink_client_config};
-use blindgate::topics::GatewayTemplate;
-use blindgate::uplink::Endpoint;
 use common::mosquitto::{Mosquitto, TlsMode, require_mosquitto, start_cloud_broker};
 use common::proxy::Proxy;
 use rumqttc::{Event, EventLoop, Packet, QoS};
@@ -34,34 +30,7 @@ struct Cloud {
 }
 
 fn settings(dir: &Path, pki: &DevPki, port: u16) -> CloudSettings {
-    let tls = uplink_client_config(&UplinkTlsOptions {
-        ca: pki.cloud_ca.cert.clone(),
-        cert: pki.cloud_ingest.cert.clone(),
-        key: pki.cloud_ingest.key.clone(),
-        pins_sha256: Vec::new(),
-        cipher_order: CipherOrder::Auto,
-    })
-    .expect("ingest TLS");
-    CloudSettings {
-        broker: Endpoint {
-            host: "localhost".into(),
-            port,
-        },
-        tls: Arc::clone(&tls),
-        client_id: "ingest-1".into(),
-        subscription: "gw/+/e3/+/up".into(),
-        up_topic: GatewayTemplate::new("gw/{gateway_id}/e3/{device_id}/up").expect("template"),
-        down_topic: GatewayTemplate::new("gw/{gateway_id}/e3/{device_id}/down").expect("template"),
-        keys_dir: dir.join("keys"),
-        state_dir: dir.join("state"),
-        sink_path: dir.join("messages.jsonl"),
-        images_dir: dir.join("images"),
-        registry: None,
-        max_envelope: 131_072,
-        batch_max: 64,
-        batch_delay: Duration::from_millis(10),
-        keep_alive: Duration::from_secs(10),
-    }
+    CloudSettings::local(dir, pki, port, "ingest-1").expect("ingest settings")
 }
 
 impl Cloud {

@@ -31,9 +31,9 @@ pub mod registry;
 pub mod replay;
 pub mod sink;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, Event, Incoming, MqttOptions, Publish, QoS, TlsConfiguration, Transport,
@@ -43,7 +43,10 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::keys::KeyStore;
+use crate::pki::DevPki;
+use crate::tls::{CipherOrder, TlsError, UplinkTlsOptions, uplink_client_config};
 use crate::topics::GatewayTemplate;
 use crate::uplink::Endpoint;
 use ingest::{Ingest, Outcome};
@@ -88,10 +91,56 @@ pub struct CloudSettings {
     pub keep_alive: Duration,
 }
 
+impl CloudSettings {
+    /// An ingest whose files all live under `dir` (`keys/`, `state/`,
+    /// `messages.jsonl`, `images/`), connecting to `localhost:port` with the dev PKI's
+    /// cloud-ingest certificate: the demo's and the tests' set-up. No registry.
+    ///
+    /// # Errors
+    /// [`CloudError::Tls`] if the PKI's files cannot be loaded.
+    pub fn local(dir: &Path, pki: &DevPki, port: u16, client_id: &str) -> Result<Self, CloudError> {
+        let tls = uplink_client_config(&UplinkTlsOptions {
+            ca: pki.cloud_ca.cert.clone(),
+            cert: pki.cloud_ingest.cert.clone(),
+            key: pki.cloud_ingest.key.clone(),
+            pins_sha256: Vec::new(),
+            cipher_order: CipherOrder::Auto,
+        })
+        .map_err(|e| CloudError::Tls(Box::new(e)))?;
+        let template = |t: &str| GatewayTemplate::new(t).map_err(CloudError::Topic);
+        Ok(Self {
+            broker: Endpoint {
+                host: "localhost".into(),
+                port,
+            },
+            tls,
+            client_id: client_id.into(),
+            subscription: "gw/+/e3/+/up".into(),
+            up_topic: template("gw/{gateway_id}/e3/{device_id}/up")?,
+            down_topic: template("gw/{gateway_id}/e3/{device_id}/down")?,
+            keys_dir: dir.join("keys"),
+            state_dir: dir.join("state"),
+            sink_path: dir.join("messages.jsonl"),
+            images_dir: dir.join("images"),
+            registry: None,
+            max_envelope: 131_072,
+            batch_max: 64,
+            batch_delay: Duration::from_millis(10),
+            keep_alive: Duration::from_secs(10),
+        })
+    }
+}
+
 /// Why the ingest stopped.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum CloudError {
+    /// The TLS material is unusable.
+    #[error("cloud broker TLS")]
+    Tls(#[source] Box<TlsError>),
+    /// A topic template is invalid.
+    #[error("invalid topic template")]
+    Topic(#[source] crate::topics::TemplateError),
     /// The key store could not be opened.
     #[error("cannot open the key store")]
     Keys(#[source] crate::keys::KeyStoreError),
@@ -116,12 +165,6 @@ pub enum CloudError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn open_ingest(settings: &CloudSettings, metrics: CloudMetrics) -> Result<Ingest, CloudError> {

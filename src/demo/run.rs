@@ -3,8 +3,7 @@
 //! a cloud outage in the middle; then a count of what arrived.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -12,14 +11,12 @@ use tokio_util::sync::CancellationToken;
 use super::broker::{BrokerError, start_cloud_broker};
 use super::link::Link;
 use super::report::{DemoReport, tally, timeline};
+use crate::clock::now_ms;
 use crate::cloud::{CloudMetrics, CloudSettings};
 use crate::device::{DeviceConfig, DeviceReport, PayloadKind};
 use crate::gateway::{Gateway, GatewayPlan};
 use crate::keys::KeyStore;
 use crate::pki::{DevPki, DevPkiOptions, generate_dev_pki};
-use crate::tls::{CipherOrder, UplinkTlsOptions, uplink_client_config};
-use crate::topics::GatewayTemplate;
-use crate::uplink::Endpoint;
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -207,37 +204,15 @@ fn write_registry(dir: &Path, devices: &[String]) -> Result<(), DemoError> {
 }
 
 fn cloud_settings(dir: &Path, pki: &DevPki, port: u16) -> Result<CloudSettings, DemoError> {
-    let tls = uplink_client_config(&UplinkTlsOptions {
-        ca: pki.cloud_ca.cert.clone(),
-        cert: pki.cloud_ingest.cert.clone(),
-        key: pki.cloud_ingest.key.clone(),
-        pins_sha256: Vec::new(),
-        cipher_order: CipherOrder::Auto,
-    })
-    .map_err(setup("ingest TLS"))?;
+    let mut settings =
+        CloudSettings::local(&dir.join("cloud"), pki, port, "ingest-1").map_err(setup("ingest"))?;
     let registry = crate::cloud::registry::Registry::load(&dir.join("cloud/registry.toml"))
         .map_err(setup("registry"))?;
-    let template = |t: &str| GatewayTemplate::new(t).map_err(setup("topic template"));
-    Ok(CloudSettings {
-        broker: Endpoint {
-            host: "localhost".into(),
-            port,
-        },
-        tls: Arc::clone(&tls),
-        client_id: "ingest-1".into(),
-        subscription: "gw/+/e3/+/up".into(),
-        up_topic: template("gw/{gateway_id}/e3/{device_id}/up")?,
-        down_topic: template("gw/{gateway_id}/e3/{device_id}/down")?,
-        keys_dir: dir.join("cloud/keys"),
-        state_dir: dir.join("cloud/state"),
-        sink_path: dir.join("cloud/messages.jsonl"),
-        images_dir: dir.join("cloud/images"),
-        registry: Some(registry),
-        max_envelope: MAX_ENVELOPE,
-        batch_max: 256,
-        batch_delay: Duration::from_millis(20),
-        keep_alive: Duration::from_secs(10),
-    })
+    settings.registry = Some(registry);
+    settings.max_envelope = MAX_ENVELOPE;
+    settings.batch_max = 256;
+    settings.batch_delay = Duration::from_millis(20);
+    Ok(settings)
 }
 
 fn write_gateway_config(dir: &Path, pki: &DevPki, cloud_port: u16) -> Result<PathBuf, DemoError> {
@@ -360,10 +335,4 @@ async fn collect(
     }
     give_up.abort();
     reports
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use e3::{DeviceId, DeviceKey, Header, KEY_LEN, Kind, ReceiptEntry, Suite, Verdict};
 use rumqttc::{
@@ -39,6 +39,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::payload::{ImageChunks, Message, Producer, Rng};
 use super::state::DeviceState;
 use super::{DeviceConfig, DeviceError, DeviceReport};
+use crate::clock::now_ms;
 use crate::tls::{CipherOrder, TlsError, UplinkTlsOptions, client_config_for_server_name};
 
 /// Requests rumqttc buffers; when full, the send queue waits for the next event.
@@ -637,13 +638,4 @@ fn printable(cmd: &str) -> String {
             }
         })
         .collect()
-}
-
-/// The device clock, milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
 }

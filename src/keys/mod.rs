@@ -78,9 +78,13 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use thiserror::Error;
+
+/// The wall clock in milliseconds since the Unix epoch, as the store's `now_ms`
+/// parameters expect it.
+pub use crate::clock::now_ms;
 
 mod audit;
 pub mod cli;
@@ -91,14 +95,6 @@ pub use store::KeyStore;
 
 /// The store directory used when none is given.
 pub const DEFAULT_STORE_DIR: &str = "/var/lib/blindgate-cloud/keys";
-
-/// The wall clock in milliseconds since the Unix epoch, as the store's `now_ms`
-/// parameters expect it.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, millis)
-}
 
 /// A duration in whole milliseconds, saturating.
 fn millis(duration: Duration) -> u64 {

@@ -6,7 +6,7 @@
 //! mid-poll (its writes are not cancel-safe); events reach this task over a channel.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::flight::Flight;
 use super::{Endpoint, UplinkSettings};
+use crate::clock::now_ms;
 use crate::ingress::DeviceRegistry;
 use crate::ingress::validate::check_downlink;
 use crate::metrics::Metrics;
@@ -225,10 +226,4 @@ async fn poll_events(
             return;
         }
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
