@@ -17,6 +17,7 @@
 //! - [`keys`]: the cloud's device key store (`blindgate keys ...`): provision, rotate, shred, audit log.
 //! - [`device`]: simulated devices (`blindgate device simulate`): outbox until receipted, rekey.
 //! - [`pki`]: `blindgate certs dev`, a development PKI (two CAs and every certificate).
+//! - [`payload`]: the plaintext formats inside envelopes (readings, image chunks), one codec for devices and cloud.
 //! - [`metrics`]: every Prometheus metric, with closed label sets.
 //! - [`topics`]: MQTT topic templates (`e3/{device_id}/up`, ...).
 //! - [`shutdown`]: SIGTERM/SIGINT into the shutdown future.
@@ -41,6 +42,7 @@ pub mod keys;
 pub mod log_limit;
 pub mod logging;
 pub mod metrics;
+pub mod payload;
 pub mod pki;
 pub mod queue;
 pub mod rate;

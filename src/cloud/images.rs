@@ -7,7 +7,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::payload::ImageChunk;
+use crate::payload::ImageChunk;
 
 /// What adding a chunk achieved.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,11 +13,11 @@ use e3::{Header, Kind, ReceiptEntry, Verdict};
 
 use super::images::{ImageProgress, ImageStore};
 use super::metrics::{CloudMetrics, CloudRejection};
-use super::payload::{Content, decode};
 use super::registry::Registry;
 use super::replay::ReplayStore;
 use super::sink::{JsonlSink, SinkError, SinkLine};
 use crate::keys::KeyStore;
+use crate::payload::{Content, decode};
 use crate::topics::GatewayTemplate;
 
 /// What became of one envelope.

@@ -17,7 +17,7 @@
 //! - `sink`: the JSON Lines sink (the log of record).
 //! - `replay`: replay windows checkpointed in sled.
 //! - `registry`: tenants, their devices and the gateways allowed to carry them.
-//! - `payload`, `images`: what is inside envelopes; image reassembly.
+//! - `images`: image reassembly (the chunk format is in `crate::payload`).
 //! - `metrics`: the ingest's Prometheus metrics.
 
 pub mod cli;
@@ -26,7 +26,6 @@ pub mod config;
 pub mod images;
 pub mod ingest;
 pub mod metrics;
-pub mod payload;
 pub mod registry;
 pub mod replay;
 pub mod sink;

@@ -6,10 +6,8 @@
 //! have to look plausible. The images are pseudo-JPEGs (`FF D8` ... `FF D9` around
 //! random bytes), which is all the cloud checks.
 
-use std::io::{self, Write as _};
+use std::io;
 
-use flate2::Compression;
-use flate2::write::DeflateEncoder;
 use ring::digest::{SHA256, digest};
 use serde::Serialize;
 use thiserror::Error;
@@ -17,11 +15,11 @@ use thiserror::Error;
 use super::PayloadKind;
 
 /// Magic of a compressed reading.
-pub const COMPRESSED_MAGIC: &[u8; 4] = b"BGZ1";
-/// Magic of an image chunk.
-pub const IMAGE_MAGIC: &[u8; 6] = b"BGIMG1";
+pub use crate::payload::COMPRESSED_MAGIC;
 /// Bytes of an image chunk header: magic, image id, index, count, total length, SHA-256.
-pub const IMAGE_CHUNK_HEADER: usize = 62;
+pub use crate::payload::IMAGE_HEADER_LEN as IMAGE_CHUNK_HEADER;
+/// Magic of an image chunk.
+pub use crate::payload::IMAGE_MAGIC;
 
 /// Why a payload could not be made.
 #[derive(Debug, Error)]
@@ -247,9 +245,7 @@ impl Producer {
 /// # Errors
 /// [`PayloadError::Compress`] (not expected: it writes to memory).
 pub(crate) fn compress(json: &[u8]) -> Result<Vec<u8>, PayloadError> {
-    let mut encoder = DeflateEncoder::new(COMPRESSED_MAGIC.to_vec(), Compression::default());
-    encoder.write_all(json).map_err(PayloadError::Compress)?;
-    encoder.finish().map_err(PayloadError::Compress)
+    crate::payload::compress(json).map_err(PayloadError::Compress)
 }
 
 /// A pseudo-JPEG of `size` bytes (at least 4): SOI, a JFIF APP0 segment, random bytes, EOI.
@@ -327,16 +323,15 @@ impl ImageChunks {
         let end = start
             .saturating_add(self.data_per_chunk)
             .min(self.image.len());
-        let data = self.image.get(start..end).unwrap_or_default();
-        let mut chunk = Vec::with_capacity(IMAGE_CHUNK_HEADER + data.len());
-        chunk.extend_from_slice(IMAGE_MAGIC);
-        chunk.extend_from_slice(&self.image_id.to_be_bytes());
-        chunk.extend_from_slice(&index.to_be_bytes());
-        chunk.extend_from_slice(&self.count.to_be_bytes());
-        chunk.extend_from_slice(&(self.image.len() as u64).to_be_bytes());
-        chunk.extend_from_slice(&self.sha256);
-        chunk.extend_from_slice(data);
-        chunk
+        crate::payload::ImageChunk {
+            image_id: self.image_id,
+            index,
+            count: self.count,
+            total_len: self.image.len() as u64,
+            sha256: self.sha256,
+            data: self.image.get(start..end).unwrap_or_default(),
+        }
+        .to_bytes()
     }
 }
 

@@ -1,6 +1,13 @@
-//! Reading what devices put inside their envelopes (docs/PAYLOADS.md): JSON readings,
-//! compressed readings, image chunks, or opaque bytes.
+//! What devices put inside their envelopes (docs/PAYLOADS.md): JSON readings,
+//! compressed readings (`BGZ1`), image chunks (`BGIMG1`), or opaque bytes. Devices
+//! encode with this module and the cloud decodes with it, so the format has one
+//! definition.
 
+use std::io::{Read, Write};
+
+use flate2::Compression;
+use flate2::read::DeflateDecoder;
+use flate2::write::DeflateEncoder;
 use thiserror::Error;
 
 /// Magic of a compressed reading.
@@ -11,6 +18,16 @@ pub const IMAGE_MAGIC: &[u8; 6] = b"BGIMG1";
 pub const IMAGE_HEADER_LEN: usize = 62;
 /// Largest inflated reading accepted (a bound against decompression bombs).
 const MAX_INFLATED: usize = 1 << 20;
+
+/// `BGZ1` followed by `json` compressed with raw DEFLATE (RFC 1951).
+///
+/// # Errors
+/// An I/O error from the encoder (not expected: it writes to memory).
+pub fn compress(json: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut encoder = DeflateEncoder::new(COMPRESSED_MAGIC.to_vec(), Compression::default());
+    encoder.write_all(json)?;
+    encoder.finish()
+}
 
 /// One chunk of a camera image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +44,21 @@ pub struct ImageChunk<'a> {
     pub sha256: [u8; 32],
     /// This chunk's bytes.
     pub data: &'a [u8],
+}
+
+impl ImageChunk<'_> {
+    /// The chunk as a plaintext: header, then data.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(IMAGE_HEADER_LEN + self.data.len());
+        out.extend_from_slice(IMAGE_MAGIC);
+        out.extend_from_slice(&self.image_id.to_be_bytes());
+        out.extend_from_slice(&self.index.to_be_bytes());
+        out.extend_from_slice(&self.count.to_be_bytes());
+        out.extend_from_slice(&self.total_len.to_be_bytes());
+        out.extend_from_slice(&self.sha256);
+        out.extend_from_slice(self.data);
+        out
+    }
 }
 
 /// What a plaintext is.
@@ -58,8 +90,14 @@ pub enum ContentError {
 /// [`ContentError`] for a known format that is broken.
 pub fn decode(plaintext: &[u8]) -> Result<Content<'_>, ContentError> {
     if let Some(rest) = plaintext.strip_prefix(COMPRESSED_MAGIC) {
-        let inflated = miniz_oxide::inflate::decompress_to_vec_with_limit(rest, MAX_INFLATED)
+        let mut inflated = Vec::new();
+        DeflateDecoder::new(rest)
+            .take(MAX_INFLATED as u64 + 1)
+            .read_to_end(&mut inflated)
             .map_err(|_| ContentError::Inflate)?;
+        if inflated.len() > MAX_INFLATED {
+            return Err(ContentError::Inflate);
+        }
         return Ok(serde_json::from_slice(&inflated).map_or(Content::Opaque, Content::Json));
     }
     if plaintext.starts_with(IMAGE_MAGIC) {
@@ -118,19 +156,20 @@ mod tests {
             decode(br#"{"a":1}"#),
             Ok(Content::Json(serde_json::json!({"a": 1})))
         );
-        let mut compressed = COMPRESSED_MAGIC.to_vec();
-        compressed.extend(miniz_oxide::deflate::compress_to_vec(br#"{"b":2}"#, 6));
+        let compressed = compress(br#"{"b":2}"#).expect("compresses");
         assert_eq!(
             decode(&compressed),
             Ok(Content::Json(serde_json::json!({"b": 2})))
         );
-        let mut chunk = IMAGE_MAGIC.to_vec();
-        chunk.extend(7u64.to_be_bytes());
-        chunk.extend(1u32.to_be_bytes());
-        chunk.extend(2u32.to_be_bytes());
-        chunk.extend(10u64.to_be_bytes());
-        chunk.extend([9u8; 32]);
-        chunk.extend(b"hello");
+        let chunk = ImageChunk {
+            image_id: 7,
+            index: 1,
+            count: 2,
+            total_len: 10,
+            sha256: [9; 32],
+            data: b"hello",
+        }
+        .to_bytes();
         let Ok(Content::Image(image)) = decode(&chunk) else {
             panic!("image chunk expected");
         };
