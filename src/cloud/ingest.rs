@@ -17,6 +17,7 @@ use super::registry::Registry;
 use super::replay::ReplayStore;
 use super::sink::{JsonlSink, SinkError, SinkLine};
 use crate::keys::KeyStore;
+use crate::log_limit::LogLimiter;
 use crate::payload::{Content, decode};
 use crate::topics::GatewayTemplate;
 
@@ -56,6 +57,7 @@ pub struct Ingest {
     /// Downlink seqs reserved (persisted) per device and not used yet: one fsync per
     /// block instead of one per receipt.
     seq_blocks: std::collections::HashMap<String, std::ops::Range<u64>>,
+    log: LogLimiter,
 }
 
 /// Downlink seqs reserved at a time.
@@ -95,6 +97,7 @@ impl Ingest {
             max_envelope,
             metrics,
             seq_blocks: std::collections::HashMap::new(),
+            log: LogLimiter::new(std::time::Duration::from_secs(10)),
         }
     }
 
@@ -108,13 +111,30 @@ impl Ingest {
         Some(seq)
     }
 
-    /// Processes one envelope received on `topic` at `now_ms`.
+    /// Processes one envelope received on `topic` at `now_ms`. Refusals are counted
+    /// and logged at most once per reason every 10 s (with the topic, which names the
+    /// gateway and the device, never with payload bytes).
     pub fn process(&mut self, topic: &str, envelope: &[u8], now_ms: u64) -> Outcome {
         let outcome = self.classify(topic, envelope, now_ms);
-        match &outcome {
-            Outcome::Accepted(_) => self.metrics.accepted.inc(),
-            Outcome::Duplicate(_) => self.metrics.reject(CloudRejection::Duplicate),
-            Outcome::Rejected(reason) => self.metrics.reject(*reason),
+        let refused = match &outcome {
+            Outcome::Accepted(_) => {
+                self.metrics.accepted.inc();
+                None
+            }
+            Outcome::Duplicate(_) => Some(CloudRejection::Duplicate),
+            Outcome::Rejected(reason) => Some(*reason),
+        };
+        if let Some(reason) = refused {
+            self.metrics.reject(reason);
+            if let Some(suppressed) = self.log.check(reason.as_str()) {
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    topic,
+                    bytes = envelope.len(),
+                    suppressed,
+                    "envelope not delivered"
+                );
+            }
         }
         outcome
     }
