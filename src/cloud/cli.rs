@@ -85,7 +85,12 @@ async fn run_ingest(config: CloudConfig) -> Result<(), BoxError> {
         ));
     }
     tokio::spawn(rotate_on_schedule(config.clone(), stop.child_token()));
-    let ingest = tokio::spawn(super::run(config.settings, metrics, stop.child_token()));
+    let ingest = tokio::spawn(super::run_with_sink(
+        config.settings,
+        config.sink,
+        metrics,
+        stop.child_token(),
+    ));
     crate::shutdown::terminate_signal().await;
     stop.cancel();
     ingest.await??;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::CloudSettings;
 use super::registry::{Registry, RegistryError};
+use super::{CloudSettings, SinkChoice};
 use crate::config::units::{ByteSize, HumanDuration};
 use crate::tls::{CipherOrder, TlsError, UplinkTlsOptions, uplink_client_config};
 use crate::topics::{GatewayTemplate, TemplateError};
@@ -63,6 +63,8 @@ struct StoreSection {
 struct SinkSection {
     jsonl: PathBuf,
     images_dir: PathBuf,
+    /// A PostgreSQL connection string: several instances share one database.
+    postgres: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +142,8 @@ pub struct CloudConfig {
     pub rotation: RotationPolicy,
     /// Where `/metrics` is served; `None`: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// JSON Lines (one instance) or PostgreSQL (several).
+    pub sink: SinkChoice,
 }
 
 /// Why the cloud config is unusable.
@@ -279,5 +283,9 @@ pub fn load(path: &Path) -> Result<CloudConfig, CloudConfigError> {
             grace: file.rotation.grace.0,
         },
         metrics_listen: file.metrics.listen,
+        sink: file
+            .sink
+            .postgres
+            .map_or(SinkChoice::Jsonl, |url| SinkChoice::Postgres { url }),
     })
 }

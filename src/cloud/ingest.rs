@@ -6,16 +6,22 @@
 //! image chunk, or opaque); into the sink's batch. Per batch: sink fsync, replay
 //! checkpoint; only then may the broker get its acknowledgements and devices their
 //! receipts.
+//!
+//! With the PostgreSQL sink the replay rule moves into the batch's transaction (the
+//! table is the replay state, shared by several instances): an envelope that passed
+//! every other check is [`Outcome::Pending`] until [`Ingest::commit`] resolves it.
 
 use std::collections::BTreeMap;
 
 use e3::{Header, Kind, ReceiptEntry, Verdict};
 
+use super::CloudError;
 use super::images::{ImageProgress, ImageStore};
 use super::metrics::{CloudMetrics, CloudRejection};
+use super::postgres::PostgresSink;
 use super::registry::Registry;
 use super::replay::ReplayStore;
-use super::sink::{JsonlSink, SinkError, SinkLine};
+use super::sink::{JsonlSink, SinkLine};
 use crate::keys::KeyStore;
 use crate::log_limit::LogLimiter;
 use crate::payload::{Content, decode};
@@ -31,6 +37,9 @@ pub enum Outcome {
     Duplicate(Route),
     /// Refused for this reason; nothing stored, no receipt.
     Rejected(CloudRejection),
+    /// In the batch of a sink that applies the replay rule at commit (PostgreSQL);
+    /// [`Ingest::commit`] turns it into `Accepted`, `Duplicate` or `Rejected(Stale)`.
+    Pending(Route),
 }
 
 /// Who a receipt goes to and what it names.
@@ -44,12 +53,40 @@ pub struct Route {
     pub entry: ReceiptEntry,
 }
 
-/// The ingest's state: keys, registry, replay windows, sink, images.
+/// Where accepted messages go, and who applies the replay rule.
+pub enum Sink {
+    /// The JSON Lines file (one instance); the rule is applied per envelope with the
+    /// replay windows in sled.
+    Jsonl {
+        /// The log of record.
+        sink: JsonlSink,
+        /// The windows, checkpointed with the sink offset they cover.
+        replay: ReplayStore,
+    },
+    /// PostgreSQL (one or several instances); the rule is applied per batch by the
+    /// database (see `postgres`).
+    Postgres(PostgresSink),
+}
+
+impl Sink {
+    /// The JSON Lines sink; `tail` (from [`JsonlSink::open`]) catches the replay
+    /// windows up with it.
+    pub fn jsonl(sink: JsonlSink, mut replay: ReplayStore, tail: Vec<SinkLine>) -> Self {
+        for line in &tail {
+            replay.accept(&line.device, line.seq);
+        }
+        if !tail.is_empty() {
+            tracing::info!(lines = tail.len(), "replay state caught up with the sink");
+        }
+        Self::Jsonl { sink, replay }
+    }
+}
+
+/// The ingest's state: keys, registry, sink (with the replay state), images.
 pub struct Ingest {
     pub(crate) keys: KeyStore,
     registry: Option<Registry>,
-    replay: ReplayStore,
-    sink: JsonlSink,
+    sink: Sink,
     images: ImageStore,
     up_topic: GatewayTemplate,
     max_envelope: usize,
@@ -64,33 +101,19 @@ pub struct Ingest {
 const SEQ_BLOCK: u64 = 64;
 
 impl Ingest {
-    /// Assembles the ingest from its parts; `tail` (from [`JsonlSink::open`]) catches
-    /// the replay windows up with the sink.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one constructor wiring independent parts"
-    )]
+    /// Assembles the ingest from its parts.
     pub fn new(
         keys: KeyStore,
         registry: Option<Registry>,
-        mut replay: ReplayStore,
-        sink: JsonlSink,
-        tail: Vec<SinkLine>,
+        sink: Sink,
         images: ImageStore,
         up_topic: GatewayTemplate,
         max_envelope: usize,
         metrics: CloudMetrics,
     ) -> Self {
-        for line in &tail {
-            replay.accept(&line.device, line.seq);
-        }
-        if !tail.is_empty() {
-            tracing::info!(lines = tail.len(), "replay state caught up with the sink");
-        }
         Self {
             keys,
             registry,
-            replay,
             sink,
             images,
             up_topic,
@@ -116,27 +139,31 @@ impl Ingest {
     /// gateway and the device, never with payload bytes).
     pub fn process(&mut self, topic: &str, envelope: &[u8], now_ms: u64) -> Outcome {
         let outcome = self.classify(topic, envelope, now_ms);
-        let refused = match &outcome {
+        self.count(&outcome, topic, Some(envelope.len()));
+        outcome
+    }
+
+    /// Counts a final outcome, and logs a refusal (rate-limited per reason).
+    fn count(&mut self, outcome: &Outcome, topic: &str, bytes: Option<usize>) {
+        let reason = match outcome {
             Outcome::Accepted(_) => {
                 self.metrics.accepted.inc();
-                None
+                return;
             }
-            Outcome::Duplicate(_) => Some(CloudRejection::Duplicate),
-            Outcome::Rejected(reason) => Some(*reason),
+            Outcome::Pending(_) => return,
+            Outcome::Duplicate(_) => CloudRejection::Duplicate,
+            Outcome::Rejected(reason) => *reason,
         };
-        if let Some(reason) = refused {
-            self.metrics.reject(reason);
-            if let Some(suppressed) = self.log.check(reason.as_str()) {
-                tracing::warn!(
-                    reason = reason.as_str(),
-                    topic,
-                    bytes = envelope.len(),
-                    suppressed,
-                    "envelope not delivered"
-                );
-            }
+        self.metrics.reject(reason);
+        if let Some(suppressed) = self.log.check(reason.as_str()) {
+            tracing::warn!(
+                reason = reason.as_str(),
+                topic,
+                bytes,
+                suppressed,
+                "envelope not delivered"
+            );
         }
-        outcome
     }
 
     fn classify(&mut self, topic: &str, envelope: &[u8], now_ms: u64) -> Outcome {
@@ -176,13 +203,24 @@ impl Ingest {
                 seq: header.seq(),
             },
         };
-        match self.replay.accept(device, header.seq()) {
-            Verdict::Fresh => {}
-            Verdict::Duplicate => return Outcome::Duplicate(route),
-            Verdict::Stale => return Outcome::Rejected(R::Stale),
-        }
+        // JSON Lines: check now, record only once the message is stored, so a failed
+        // store (image I/O) leaves the seq fresh for the device's resend.
+        let decided_at_commit = match &mut self.sink {
+            Sink::Jsonl { replay, .. } => match replay.check(device, header.seq()) {
+                Verdict::Fresh => false,
+                Verdict::Duplicate => return Outcome::Duplicate(route),
+                Verdict::Stale => return Outcome::Rejected(R::Stale),
+            },
+            Sink::Postgres(_) => true,
+        };
         match self.store(&route, &plaintext, now_ms) {
-            Ok(()) => Outcome::Accepted(route),
+            Ok(()) if decided_at_commit => Outcome::Pending(route),
+            Ok(()) => {
+                if let Sink::Jsonl { replay, .. } = &mut self.sink {
+                    replay.accept(device, header.seq());
+                }
+                Outcome::Accepted(route)
+            }
             Err(reason) => Outcome::Rejected(reason),
         }
     }
@@ -224,22 +262,64 @@ impl Ingest {
             }
             Ok(Content::Opaque) | Err(_) => line.base64 = Some(base64_of(plaintext)),
         }
-        self.sink.push(&line);
+        match &mut self.sink {
+            Sink::Jsonl { sink, .. } => sink.push(&line),
+            Sink::Postgres(sink) => {
+                if let Err(err) = sink.push(&line) {
+                    tracing::error!(error = %err, "cannot store a message in PostgreSQL");
+                    return Err(CloudRejection::Storage);
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Makes the batch durable: sink fsync, then the replay checkpoint.
+    /// Makes the batch durable. JSON Lines: sink fsync, then the replay checkpoint.
+    /// PostgreSQL: one transaction that also applies the replay rule; each
+    /// [`Outcome::Pending`] in `outcomes` (the batch's outcomes in the order
+    /// [`process`](Self::process) returned them) is then resolved and counted.
     ///
     /// # Errors
-    /// [`SinkError`]: the batch is not durable; the caller must not acknowledge it and
-    /// should stop (the next start rebuilds the replay state from the sink).
-    pub fn commit(&mut self) -> Result<(), SinkError> {
-        let offset = self.sink.commit()?;
-        if let Err(err) = self.replay.checkpoint(offset) {
-            // The sink is durable; a stale checkpoint only means a longer catch-up.
-            tracing::warn!(error = %err, "replay checkpoint failed; the sink tail will be replayed on start");
+    /// [`CloudError::Sink`] or [`CloudError::Postgres`]: the batch is not durable; the
+    /// caller must not acknowledge it and should stop (the next start rebuilds the
+    /// replay state from the sink, or finds it in the table).
+    pub async fn commit<'o>(
+        &mut self,
+        outcomes: impl IntoIterator<Item = &'o mut Outcome>,
+    ) -> Result<(), CloudError> {
+        let verdicts = match &mut self.sink {
+            Sink::Jsonl { sink, replay } => {
+                let offset = sink.commit()?;
+                if let Err(err) = replay.checkpoint(offset) {
+                    // The sink is durable; a stale checkpoint only means a longer catch-up.
+                    tracing::warn!(error = %err, "replay checkpoint failed; the sink tail will be replayed on start");
+                }
+                return Ok(());
+            }
+            Sink::Postgres(sink) => sink.commit().await.map_err(CloudError::Postgres)?,
+        };
+        let pending = outcomes
+            .into_iter()
+            .filter(|outcome| matches!(outcome, Outcome::Pending(_)));
+        // One verdict per push, and each push made exactly one `Pending`.
+        for (outcome, verdict) in pending.zip(verdicts) {
+            self.resolve(outcome, verdict);
         }
         Ok(())
+    }
+
+    fn resolve(&mut self, outcome: &mut Outcome, verdict: Verdict) {
+        let Outcome::Pending(route) = outcome else {
+            return;
+        };
+        let route = route.clone();
+        let topic = self.up_topic.render(&route.gateway, &route.device);
+        *outcome = match verdict {
+            Verdict::Fresh => Outcome::Accepted(route),
+            Verdict::Duplicate => Outcome::Duplicate(route),
+            Verdict::Stale => Outcome::Rejected(CloudRejection::Stale),
+        };
+        self.count(outcome, &topic, None);
     }
 
     /// Seals receipts for `routes` (grouped per gateway and device, 256 entries at

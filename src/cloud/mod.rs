@@ -11,10 +11,16 @@
 //! turns the repeat into a duplicate that is answered with a receipt but not stored
 //! twice. So each accepted message is in the sink exactly once.
 //!
+//! The JSON Lines sink serves one instance. Several instances behind a shared
+//! subscription (`$share/<group>/...`) use the PostgreSQL sink ([`SinkChoice`]), whose
+//! table is both the sink and the replay state: its primary key `(device, seq)` keeps
+//! every message in it once across instances (see `postgres`).
+//!
 //! # Layout
 //!
 //! - `ingest`: one envelope's checks and the batch commit.
 //! - `sink`: the JSON Lines sink (the log of record).
+//! - `postgres`: the PostgreSQL sink, shared by several instances.
 //! - `replay`: replay windows checkpointed in sled.
 //! - `registry`: tenants, their devices and the gateways allowed to carry them.
 //! - `images`: image reassembly (the chunk format is in `crate::payload`).
@@ -26,6 +32,7 @@ pub mod config;
 pub mod images;
 pub mod ingest;
 pub mod metrics;
+pub mod postgres;
 pub mod registry;
 pub mod replay;
 pub mod sink;
@@ -48,8 +55,9 @@ use crate::pki::DevPki;
 use crate::tls::{CipherOrder, TlsError, UplinkTlsOptions, uplink_client_config};
 use crate::topics::GatewayTemplate;
 use crate::uplink::Endpoint;
-use ingest::{Ingest, Outcome};
+use ingest::{Ingest, Outcome, Sink};
 pub use metrics::{CloudMetrics, CloudRejection};
+use postgres::{PostgresError, PostgresSink};
 use registry::Registry;
 use replay::ReplayStore;
 use sink::{JsonlSink, SinkError};
@@ -130,6 +138,31 @@ impl CloudSettings {
     }
 }
 
+/// Which sink the ingest writes to (and so where the replay state lives).
+#[derive(Clone, Default)]
+pub enum SinkChoice {
+    /// The JSON Lines file [`CloudSettings::sink_path`], replay windows in sled under
+    /// [`CloudSettings::state_dir`]: one instance. The default.
+    #[default]
+    Jsonl,
+    /// PostgreSQL at `url` (`postgresql://user@host:port/db` or `host=... user=...`;
+    /// no TLS, so a local socket or a trusted network): one or several instances
+    /// sharing the database. `state_dir` and `sink_path` are not used.
+    Postgres {
+        /// The connection string; may hold a password, so `Debug` hides it.
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for SinkChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Jsonl => f.write_str("Jsonl"),
+            Self::Postgres { .. } => f.write_str("Postgres { url: <hidden> }"),
+        }
+    }
+}
+
 /// Why the ingest stopped.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -155,6 +188,10 @@ pub enum CloudError {
     /// The sink failed; nothing unacknowledged is lost (the broker delivers again).
     #[error("sink failed")]
     Sink(#[from] SinkError),
+    /// The PostgreSQL sink failed; nothing unacknowledged is lost (the broker
+    /// delivers again).
+    #[error("PostgreSQL sink failed")]
+    Postgres(#[source] PostgresError),
     /// The images directory could not be created.
     #[error("cannot create the images directory {path}")]
     Images {
@@ -166,8 +203,37 @@ pub enum CloudError {
     },
 }
 
-fn open_ingest(settings: &CloudSettings, metrics: CloudMetrics) -> Result<Ingest, CloudError> {
+async fn open_ingest(
+    settings: &CloudSettings,
+    sink: &SinkChoice,
+    metrics: CloudMetrics,
+) -> Result<Ingest, CloudError> {
     let keys = KeyStore::open(&settings.keys_dir).map_err(CloudError::Keys)?;
+    let sink = match sink {
+        SinkChoice::Jsonl => open_jsonl(settings)?,
+        SinkChoice::Postgres { url } => Sink::Postgres(
+            PostgresSink::connect(url)
+                .await
+                .map_err(CloudError::Postgres)?,
+        ),
+    };
+    let images =
+        images::ImageStore::open(&settings.images_dir).map_err(|source| CloudError::Images {
+            path: settings.images_dir.clone(),
+            source,
+        })?;
+    Ok(Ingest::new(
+        keys,
+        settings.registry.clone(),
+        sink,
+        images,
+        settings.up_topic.clone(),
+        settings.max_envelope,
+        metrics,
+    ))
+}
+
+fn open_jsonl(settings: &CloudSettings) -> Result<Sink, CloudError> {
     let replay_path = settings.state_dir.join("replay");
     let (replay, checkpoint) =
         ReplayStore::open(&replay_path).map_err(|source| CloudError::Replay {
@@ -181,25 +247,10 @@ fn open_ingest(settings: &CloudSettings, metrics: CloudMetrics) -> Result<Ingest
         })?;
     }
     let (sink, tail) = JsonlSink::open(&settings.sink_path, checkpoint)?;
-    let images =
-        images::ImageStore::open(&settings.images_dir).map_err(|source| CloudError::Images {
-            path: settings.images_dir.clone(),
-            source,
-        })?;
-    Ok(Ingest::new(
-        keys,
-        settings.registry.clone(),
-        replay,
-        sink,
-        tail,
-        images,
-        settings.up_topic.clone(),
-        settings.max_envelope,
-        metrics,
-    ))
+    Ok(Sink::jsonl(sink, replay, tail))
 }
 
-/// Runs the ingest until `shutdown`.
+/// Runs the ingest with the JSON Lines sink until `shutdown`.
 ///
 /// # Errors
 /// [`CloudError`] if it cannot start, or if the sink fails (then it stops without
@@ -209,7 +260,21 @@ pub async fn run(
     metrics: CloudMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), CloudError> {
-    let mut ingest = open_ingest(&settings, metrics.clone())?;
+    run_with_sink(settings, SinkChoice::Jsonl, metrics, shutdown).await
+}
+
+/// Runs the ingest with the chosen sink until `shutdown`.
+///
+/// # Errors
+/// As [`run`]; with PostgreSQL also [`CloudError::Postgres`] if the database cannot be
+/// reached at start or a batch's transaction fails.
+pub async fn run_with_sink(
+    settings: CloudSettings,
+    sink: SinkChoice,
+    metrics: CloudMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), CloudError> {
+    let mut ingest = open_ingest(&settings, &sink, metrics.clone()).await?;
     let mut delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let connected = Session::new(&settings, &mut ingest, &metrics)
@@ -280,7 +345,7 @@ impl<'a> Session<'a> {
             let deadline = self.batch_started.map(|t| t + self.settings.batch_delay);
             tokio::select! {
                 () = shutdown.cancelled() => {
-                    let committed = self.flush(&client);
+                    let committed = self.flush(&client).await;
                     let _ = client.try_disconnect();
                     break committed;
                 }
@@ -295,7 +360,7 @@ impl<'a> Session<'a> {
                         self.pending.push((publish, outcome));
                         self.batch_started.get_or_insert_with(Instant::now);
                         if self.pending.len() >= self.settings.batch_max
-                            && let Err(err) = self.flush(&client)
+                            && let Err(err) = self.flush(&client).await
                         {
                             break Err(err);
                         }
@@ -305,12 +370,12 @@ impl<'a> Session<'a> {
                         tracing::warn!(broker = %self.settings.broker, error = %err, "cloud ingest connection lost");
                         // Store what was processed; the broker will deliver it again
                         // (unacknowledged), and the repeat is answered as a duplicate.
-                        break self.flush(&client);
+                        break self.flush(&client).await;
                     }
-                    None => break self.flush(&client),
+                    None => break self.flush(&client).await,
                 },
                 () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    if let Err(err) = self.flush(&client) {
+                    if let Err(err) = self.flush(&client).await {
                         break Err(err);
                     }
                 }
@@ -321,12 +386,14 @@ impl<'a> Session<'a> {
     }
 
     /// Commits the batch, then acknowledges it to the broker and sends receipts.
-    fn flush(&mut self, client: &AsyncClient) -> Result<(), CloudError> {
+    async fn flush(&mut self, client: &AsyncClient) -> Result<(), CloudError> {
         self.batch_started = None;
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.ingest.commit()?;
+        self.ingest
+            .commit(self.pending.iter_mut().map(|(_, outcome)| outcome))
+            .await?;
         let pending = std::mem::take(&mut self.pending);
         let mut routes = Vec::new();
         for (publish, outcome) in &pending {

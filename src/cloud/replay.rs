@@ -56,6 +56,11 @@ impl ReplayStore {
         self.windows.entry(device.to_owned()).or_default()
     }
 
+    /// What the replay rule says about `device`'s `seq`, without recording it.
+    pub fn check(&mut self, device: &str, seq: u64) -> Verdict {
+        self.window(device).check(seq)
+    }
+
     /// Applies the replay rule to `device`'s `seq` and records it if fresh.
     pub fn accept(&mut self, device: &str, seq: u64) -> Verdict {
         let verdict = self.window(device).accept(seq);
