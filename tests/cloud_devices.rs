@@ -113,6 +113,19 @@ async fn a_device_without_receipts_resends_and_the_cloud_delivers_once() {
     seqs.dedup();
     assert_eq!(seqs.len(), lines.len(), "each message in the sink once");
     assert_eq!(lines.len() as u64, report.sent);
+    for line in &lines {
+        // The simulator's reading, intact: the device's JSON as it sealed it.
+        let json = line.json.as_ref().expect("a JSON reading");
+        assert_eq!(json["device_id"], "pump-17");
+        assert!(json["ts_ms"].as_u64().is_some());
+        let readings = json["readings"].as_array().expect("readings array");
+        assert!(!readings.is_empty());
+        assert!(
+            readings.iter().all(|r| {
+                r["type"].is_string() && r["value"].is_number() && r["unit"].is_string()
+            })
+        );
+    }
     assert!(
         metrics.rejected(CloudRejection::Duplicate) >= 5,
         "resends recognised as duplicates"
