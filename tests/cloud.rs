@@ -55,6 +55,10 @@ impl Cloud {
             stop: CancellationToken::new(),
         };
         cloud.run_ingest();
+        assert!(
+            cloud.metrics.wait_subscribed(WAIT).await,
+            "ingest subscribed"
+        );
         Some(cloud)
     }
 
@@ -335,7 +339,10 @@ async fn an_envelope_through_a_gateway_not_allowed_to_carry_the_device_is_refuse
     let metrics = CloudMetrics::new();
     let stop = CancellationToken::new();
     tokio::spawn(blindgate::cloud::run(strict, metrics.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        metrics.wait_subscribed(WAIT).await,
+        "strict ingest subscribed"
+    );
 
     let gateway = cloud.gateway().await; // gw-1
     let (client, mut eventloop) = device(&cloud, &gateway, "pump-17").await;

@@ -79,7 +79,10 @@ async fn a_device_without_receipts_resends_and_the_cloud_delivers_once() {
         metrics.clone(),
         first.clone(),
     ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        metrics.wait_subscribed(WAIT).await,
+        "ingest subscribed once"
+    );
     first.cancel();
     ingest.await.expect("join").expect("ingest stopped cleanly");
 
@@ -157,6 +160,7 @@ async fn a_rotated_key_reaches_the_device_in_a_command_and_later_uplinks_use_it(
         metrics.clone(),
         stop.clone(),
     ));
+    assert!(metrics.wait_subscribed(WAIT).await, "ingest subscribed");
     let gateway = Gateway::start(common::gateway_plan(dir.path(), &pki, broker.port))
         .await
         .expect("gateway");

@@ -1,6 +1,6 @@
 //! The cloud ingest's Prometheus metrics; label values from closed enums only.
 
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Why the ingest did not deliver an envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,6 +103,8 @@ pub struct CloudMetrics {
     pub receipts: IntCounter,
     /// Images reassembled with a matching SHA-256.
     pub images_completed: IntCounter,
+    /// 1 while the ingest is connected and its subscription is acknowledged.
+    pub subscribed: IntGauge,
 }
 
 impl CloudMetrics {
@@ -145,6 +147,17 @@ impl CloudMetrics {
                 "images_completed_total",
                 "Camera images reassembled with a matching SHA-256.",
             ),
+            subscribed: {
+                let g = IntGauge::new(
+                    "subscribed",
+                    "1 while connected to the broker with the subscription acknowledged.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("registered once");
+                g
+            },
             rejected,
             registry,
         }
@@ -153,6 +166,18 @@ impl CloudMetrics {
     /// Counts one rejection.
     pub fn reject(&self, reason: CloudRejection) {
         self.rejected.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Waits until the ingest is subscribed (for start-up ordering in tests and the
+    /// demo: a broker drops messages nobody has subscribed to yet); false on timeout.
+    pub async fn wait_subscribed(&self, timeout: std::time::Duration) -> bool {
+        tokio::time::timeout(timeout, async {
+            while self.subscribed.get() == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .is_ok()
     }
 
     /// Rejections counted for `reason`.

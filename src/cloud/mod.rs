@@ -350,6 +350,9 @@ impl<'a> Session<'a> {
                     break committed;
                 }
                 event = events.recv() => match event {
+                    Some(Ok(Event::Incoming(Incoming::SubAck(_)))) => {
+                        self.metrics.subscribed.set(1);
+                    }
                     Some(Ok(Event::Incoming(Incoming::ConnAck(_)))) => {
                         connected = true;
                         tracing::info!(broker = %self.settings.broker, "cloud ingest connected");
@@ -382,6 +385,7 @@ impl<'a> Session<'a> {
             }
         };
         poller.abort();
+        self.metrics.subscribed.set(0);
         result.map(|()| connected)
     }
 

@@ -128,6 +128,11 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport, DemoError> {
         cloud_metrics.clone(),
         stop.child_token(),
     ));
+    if !cloud_metrics.wait_subscribed(Duration::from_secs(30)).await {
+        tracing::warn!(
+            "the cloud ingest is not subscribed yet; devices will resend what it misses"
+        );
+    }
     let config = write_gateway_config(&dir, &pki, link.port)?;
     let valid = crate::config::load(&config).map_err(setup("gateway config"))?;
     let plan = GatewayPlan::from_config(&valid).map_err(setup("gateway plan"))?;
