@@ -377,13 +377,7 @@ async fn a_command_sent_from_the_cloud_reaches_and_opens_on_the_device() {
         .expect("provision");
     let gateway = cloud.gateway().await;
     let (_client, mut eventloop) = device(&cloud, &gateway, "pump-17").await;
-    tokio::time::timeout(WAIT, async {
-        while gateway.metrics().uplink_connected.get() == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("uplink up");
+    common::wait_uplink_connected(&gateway).await;
     let (seq, envelope) = blindgate::cloud::commands::seal_command(
         &cloud.keys,
         "pump-17",

@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -83,11 +82,6 @@ fn server_user() -> Option<(u32, u32)> {
     Some((id(2), id(3)))
 }
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
-}
-
 impl Postgres {
     /// `initdb` into a temporary directory, then the server on a free port of
     /// 127.0.0.1; returns once it accepts logins.
@@ -111,7 +105,7 @@ impl Postgres {
         assert!(status.success(), "initdb failed; its log:\n{}", db.log());
         // Another test may take the free port before the server binds it.
         for _ in 0..3 {
-            db.port = free_port();
+            db.port = common::free_port();
             db.child = Some(
                 db.command(&bin.join("postgres"), user)
                     .args(["-D", "data", "-p", &db.port.to_string()])

@@ -244,13 +244,7 @@ async fn a_command_from_the_cloud_reaches_its_device_through_the_gateway() {
     })
     .await
     .expect("SUBACK");
-    tokio::time::timeout(WAIT, async {
-        while gateway.metrics().uplink_connected.get() == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("uplink connected");
+    common::wait_uplink_connected(&gateway).await;
     let key = common::device_key("pump-17", 1);
     let command = key
         .seal(e3::Kind::Command, 1, b"close valve")
@@ -292,10 +286,7 @@ async fn an_unreachable_first_endpoint_fails_over_to_the_next() {
     let Some(world) = world(&["pump-17"]).await else {
         return;
     };
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let dead = common::free_port();
     let mut plan = common::gateway_plan(world.dir.path(), &world.pki, world.proxy.port);
     plan.uplink.endpoints.insert(
         0,
@@ -329,13 +320,7 @@ async fn after_an_outage_the_drain_is_paced_fair_between_devices_and_live_data_g
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     world.proxy.restore();
-    tokio::time::timeout(WAIT, async {
-        while gateway.metrics().uplink_connected.get() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("uplink back");
+    common::wait_uplink_connected(&gateway).await;
     let restored = std::time::Instant::now();
     // Live data from a device without backlog, published while the backlog drains.
     let live = seal_many("cam-1", 3);

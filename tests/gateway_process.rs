@@ -18,13 +18,6 @@ use rumqttc::{Event, Packet, QoS};
 
 const DEVICE: &str = "pump-17";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 fn write_config(dir: &Path, pki: &DevPki, device_port: u16, cloud_port: u16) -> PathBuf {
     let path = dir.join("gateway.toml");
     let p = |p: &Path| p.display().to_string();
@@ -166,7 +159,7 @@ async fn kill_9_while_the_cloud_is_down_loses_nothing_that_was_acknowledged() {
         .await
         .expect("link");
     let cloud = CloudSubscriber::connect(broker.port, &pki, "ingest-1", "gw/+/e3/+/up").await;
-    let device_port = free_port();
+    let device_port = common::free_port();
     let config = write_config(dir.path(), &pki, device_port, proxy.port);
     let log = dir.path().join("gateway.log");
     proxy.cut();
@@ -242,7 +235,7 @@ async fn sigterm_stops_within_seconds_and_the_next_start_resumes() {
         .await
         .expect("link");
     let cloud = CloudSubscriber::connect(broker.port, &pki, "ingest-1", "gw/+/e3/+/up").await;
-    let device_port = free_port();
+    let device_port = common::free_port();
     let config = write_config(dir.path(), &pki, device_port, proxy.port);
     let log = dir.path().join("gateway.log");
     proxy.cut();

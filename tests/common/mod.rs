@@ -133,3 +133,22 @@ pub fn gateway_plan(dir: &Path, pki: &DevPki, cloud_port: u16) -> GatewayPlan {
         ready_max_ack_age: Duration::from_secs(60),
     }
 }
+
+/// A port that was free on 127.0.0.1 a moment ago (bind port 0, read it, release it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Waits until `gateway`'s uplink is connected to the cloud; fails the test after 20 s.
+pub async fn wait_uplink_connected(gateway: &blindgate::gateway::Gateway) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while gateway.metrics().uplink_connected.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("uplink connected");
+}

@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -84,7 +84,7 @@ pub fn start_cloud_broker(dir: &Path, pki: &DevPki, tls: TlsMode) -> Mosquitto {
     // The free port may be taken by another test before Mosquitto binds it; then
     // Mosquitto exits at once and another port is tried.
     for _ in 0..3 {
-        broker.port = free_port();
+        broker.port = super::free_port();
         fs::write(dir.join("mosquitto.conf"), config(broker.port, pki, tls))
             .expect("write mosquitto.conf");
         match broker.spawn() {
@@ -138,12 +138,6 @@ fn config(port: u16, pki: &DevPki, tls: TlsMode) -> String {
     conf.push_str("use_identity_as_username true\n");
     writeln!(conf, "tls_version {version}").expect("write to String");
     conf
-}
-
-/// A port that was free on 127.0.0.1 a moment ago (bind port 0, read it, release it).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
 }
 
 impl Mosquitto {
