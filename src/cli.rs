@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::gateway::{self, GatewayPlan};
-use crate::{config, demo, device, e3_tool, keys, logging, pki, shutdown};
+use crate::{config, demo, device, e3_tool, keys, logging, manpage, pki};
 
 /// Edge gateway for end-to-end encrypted device data.
 #[derive(Debug, Parser)]
@@ -22,7 +22,9 @@ enum Command {
     Demo(demo::cli::DemoArgs),
     /// Run the gateway: device listener, durable queue, uplink to the cloud.
     Gateway(GatewayArgs),
-    /// Check a gateway config file; print every problem with file:line:column.
+    /// Check a config file and what it points at; print every problem with file:line:column.
+    ///
+    /// A gateway config, or a cloud ingest config (a file with a [broker] section).
     CheckConfig(CheckConfigArgs),
     /// Seal, open and key E3 envelopes locally (testing and scripting).
     #[command(subcommand)]
@@ -39,6 +41,9 @@ enum Command {
     /// Simulated devices (`device simulate`).
     #[command(subcommand)]
     Device(device::cli::DeviceCommand),
+    /// Write the man pages (packaging; docs/PACKAGING.md).
+    #[command(hide = true)]
+    Manpage(manpage::ManpageArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,11 +67,43 @@ struct GatewayArgs {
 
 /// Flags of `check-config`.
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Checks the file (unknown keys, values, ranges) and its environment: every certificate \
+and key file is readable, certificates parse and are valid now (warning within 30 days \
+of expiry), each key belongs to its certificate and is not readable by others, the \
+listeners can bind (not with --reload), data_dir is or can be a writable directory \
+with room for the queue. A file with a [broker] section is checked as a cloud ingest \
+config.
+
+Prints one line per problem, `FILE:LINE:COLUMN: [warning: ]KEY: MESSAGE (hint: ...)`, \
+then a summary line.
+
+Exit status:
+  0  no errors (warnings allowed)
+  1  errors in the file or its environment
+  2  the file cannot be read, or bad usage")]
 struct CheckConfigArgs {
+    /// Do not try to bind the listeners: the running gateway holds them (for
+    /// ExecReload before a SIGHUP).
+    #[arg(long)]
+    reload: bool,
     /// The config file to check.
     #[arg(value_name = "FILE")]
     config: PathBuf,
 }
+
+/// A subcommand's chosen exit status; it has printed its own output, so `main`
+/// exits with this status and prints nothing more.
+#[derive(Debug)]
+pub struct ExitStatus(pub u8);
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitStatus {}
 
 /// Runs the parsed command line.
 ///
@@ -77,26 +114,37 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Command::Demo(args) => demo::cli::run(args),
         Command::Gateway(args) => run_gateway(&args),
         Command::CheckConfig(args) => {
-            config::load(&args.config)?;
-            println!("{}: ok", args.config.display());
-            Ok(())
+            let ports = match args.reload {
+                true => config::PortCheck::Skip,
+                false => config::PortCheck::Bind,
+            };
+            match config::check_command(&args.config, ports) {
+                config::EXIT_OK => Ok(()),
+                code => Err(Box::new(ExitStatus(code))),
+            }
         }
         Command::E3(cmd) => e3_tool::run(cmd).map_err(Into::into),
         Command::Certs(CertsCommand::Dev(args)) => pki::cli::run(args).map_err(Into::into),
         Command::Device(cmd) => device::cli::run(cmd).map_err(Into::into),
         Command::Keys(cmd) => keys::cli::run(cmd).map_err(Into::into),
         Command::Cloud(cmd) => crate::cloud::cli::run(cmd),
+        Command::Manpage(args) => manpage::run(&args).map_err(Into::into),
     }
 }
 
 fn run_gateway(args: &GatewayArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let config = config::load(&args.config)?;
+    // The checks of `check-config` (but not the ports: binding them reports that).
+    let checked = config::load_checked(&args.config, config::PortCheck::Skip)?;
+    let config = checked.config;
     logging::init(config.log.format, &config.log.level);
+    for warning in &checked.warnings {
+        tracing::warn!("{}:{warning}", args.config.display());
+    }
     let plan = GatewayPlan::from_config(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("blindgate")
         .build()?;
-    runtime.block_on(gateway::run(plan, shutdown::terminate_signal()))?;
+    runtime.block_on(gateway::run_service(args.config.clone(), config, plan))?;
     Ok(())
 }

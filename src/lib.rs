@@ -8,8 +8,9 @@
 //! - [`cli`]: the command line (one binary, subcommands) and its dispatch.
 //! - [`e3_tool`]: `blindgate e3 seal|open|keygen`, local tools over device key files.
 //! - [`demo`]: `blindgate demo`, the whole system on loopback (embedded rumqttd, cuttable link).
-//! - [`gateway`]: `blindgate gateway`: wiring and the stop order that loses nothing.
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`gateway`]: `blindgate gateway`: wiring, the service loop (reload on SIGHUP and on
+//!   certificate change, watchdog), and the stop order that loses nothing.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/status`.
 //! - [`ingress`]: the device listener (MQTT 3.1.1 over TLS 1.3, PUBACK after fsync).
 //! - [`uplink`]: the E4 uplink to the cloud (rumqttc, mutual TLS 1.3, failover, paced drain).
 //! - [`queue`]: the durable store-and-forward queue (sled, group commit, caps).
@@ -21,10 +22,13 @@
 //! - [`metrics`]: every Prometheus metric, with closed label sets.
 //! - [`topics`]: MQTT topic templates (`e3/{device_id}/up`, ...).
 //! - [`shutdown`]: SIGTERM/SIGINT into the shutdown future.
+//! - [`systemd`]: the `sd_notify` protocol (ready, reloading, stopping, watchdog).
+//! - [`status`]: the technician's `/status` page and the list of recent problems.
 //! - [`config`]: the gateway config file, checked once into `ValidConfig`.
 //! - [`rate`]: token buckets (per-device rate limit, paced drain).
 //! - [`logging`]: log output (human or JSON, journald-aware).
 //! - [`log_limit`]: rate-limited logging of repeated problems.
+//! - `manpage`: `blindgate manpage`, man pages generated from the command line (packaging).
 //!
 //! The envelope format itself lives in the workspace crate `e3`.
 
@@ -41,12 +45,15 @@ pub mod ingress;
 pub mod keys;
 pub mod log_limit;
 pub mod logging;
+mod manpage;
 pub mod metrics;
 pub mod payload;
 pub mod pki;
 pub mod queue;
 pub mod rate;
 pub mod shutdown;
+pub mod status;
+pub mod systemd;
 pub mod tls;
 pub mod topics;
 pub mod uplink;

@@ -29,6 +29,8 @@ pub fn init(format: LogFormat, level: &str) {
     let _ = match (format, under_journald) {
         (LogFormat::Json, _) => builder.json().try_init(),
         (LogFormat::Human, true) => builder.without_time().with_ansi(false).try_init(),
-        (LogFormat::Human, false) => builder.try_init(),
+        (LogFormat::Human, false) => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
 }

@@ -5,9 +5,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::queue::{QueueCounters, QueueStats};
+use crate::status::RecentProblems;
 
 /// Why the ingress refused a publish, a subscription or a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -141,6 +142,20 @@ pub struct Metrics {
     pub queue_quarantined: IntCounter,
     /// Records dropped by the drop-oldest policy, by limit.
     pub queue_dropped: IntCounterVec,
+    /// The queue's byte cap (`queue.max_bytes`).
+    pub queue_max_bytes: IntGauge,
+    /// Uplink connection attempts that failed before or during the handshake.
+    pub uplink_connection_failures: IntCounter,
+    /// 1 when `/readyz` says ready, else 0 (updated at each scrape).
+    pub ready: IntGauge,
+    /// notAfter of each certificate in use, by role and position in its file.
+    pub certificate_not_after: IntGaugeVec,
+    /// Config and certificate reloads, by trigger and result.
+    pub reloads: IntCounterVec,
+    /// 1 when the config file has changes that take effect only after a restart.
+    pub config_restart_pending: IntGauge,
+    /// The newest problems, for the status page (not a Prometheus metric).
+    pub problems: RecentProblems,
 }
 
 impl Metrics {
@@ -154,24 +169,25 @@ impl Metrics {
         reason = "static metric definitions, checked by test"
     )]
     pub fn new() -> Self {
-        let registry =
-            Registry::new_custom(Some("blindgate".into()), None).expect("static prefix is valid");
+        let registry = Registry::new();
+        let named = |name: &str| format!("blindgate_{name}");
         let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
+            let c = IntCounter::new(named(name), help).expect("valid metric");
             registry
                 .register(Box::new(c.clone()))
                 .expect("registered once");
             c
         };
         let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
+            let g = IntGauge::new(named(name), help).expect("valid metric");
             registry
                 .register(Box::new(g.clone()))
                 .expect("registered once");
             g
         };
         let counter_vec = |name: &str, help: &str, label: &str, values: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            let c =
+                IntCounterVec::new(Opts::new(named(name), help), &[label]).expect("valid metric");
             registry
                 .register(Box::new(c.clone()))
                 .expect("registered once");
@@ -180,6 +196,22 @@ impl Metrics {
             }
             c
         };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(named(name), help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("registered once");
+            g
+        };
+        let build_info = gauge_vec(
+            "build_info",
+            "Always 1; the version label says which blindgate is running.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        register_process_collector(&registry);
         let reasons: Vec<&str> = Rejection::ALL.iter().map(|r| r.as_str()).collect();
         let drops: Vec<&str> = DownlinkDrop::ALL.iter().map(|d| d.as_str()).collect();
         Self {
@@ -246,6 +278,44 @@ impl Metrics {
                 "limit",
                 &["device_quota", "queue_bytes"],
             ),
+            queue_max_bytes: gauge("queue_max_bytes", "The queue's byte cap (queue.max_bytes)."),
+            uplink_connection_failures: counter(
+                "uplink_connection_failures_total",
+                "Uplink connections that failed or were lost (each is followed by a backoff).",
+            ),
+            ready: gauge(
+                "ready",
+                "1 when forwarding works (the same verdict as /readyz), else 0.",
+            ),
+            certificate_not_after: gauge_vec(
+                "certificate_not_after_timestamp_seconds",
+                "Unix time after which each certificate in use is no longer valid.",
+                &["role", "index"],
+            ),
+            reloads: {
+                let c = IntCounterVec::new(
+                    Opts::new(
+                        named("reloads_total"),
+                        "Config and certificate reloads, by what triggered them and whether they were applied.",
+                    ),
+                    &["trigger", "result"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("registered once");
+                for trigger in ["signal", "certificate_files"] {
+                    for result in ["applied", "rejected"] {
+                        c.with_label_values(&[trigger, result]);
+                    }
+                }
+                c
+            },
+            config_restart_pending: gauge(
+                "config_restart_pending",
+                "1 when the config file changed settings that apply only after a restart.",
+            ),
+            problems: RecentProblems::default(),
             registry,
         }
     }
@@ -298,6 +368,15 @@ impl Metrics {
     }
 }
 
+/// Registers the standard `process_*` families (CPU, RSS, open files, threads) for
+/// this process. Where /proc is not readable the families are simply absent.
+fn register_process_collector(registry: &Registry) {
+    let collector = prometheus::process_collector::ProcessCollector::for_self();
+    if let Err(err) = registry.register(Box::new(collector)) {
+        tracing::debug!(error = %err, "process metrics unavailable");
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -317,5 +396,14 @@ mod tests {
         assert!(text.contains("blindgate_ingress_rejected_total{reason=\"oversize\"} 1"));
         assert!(text.contains("blindgate_ingress_rejected_total{reason=\"qos2\"} 0"));
         assert!(text.contains("# TYPE blindgate_uplink_connected gauge"));
+        let build = format!(
+            "blindgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
+        assert!(text.contains(
+            "blindgate_reloads_total{result=\"rejected\",trigger=\"certificate_files\"} 0"
+        ));
+        assert!(text.contains("# TYPE process_resident_memory_bytes gauge"));
     }
 }

@@ -424,8 +424,9 @@ fn the_example_cloud_config_works_with_the_output_of_certs_dev() {
             .join(name);
         std::fs::copy(from, root.path().join("config").join(name)).expect("copy");
     }
+    // The installed layout: certificates in certs/ beside the config.
     blindgate::pki::generate_dev_pki(&blindgate::pki::DevPkiOptions {
-        out_dir: root.path().join("certs/dev"),
+        out_dir: root.path().join("config/certs"),
         ..Default::default()
     })
     .expect("dev PKI");

@@ -61,56 +61,77 @@ fn only_diagnostic(text: &str, key: &str) -> Diagnostic {
 }
 
 #[test]
-fn the_example_file_parses() {
+fn the_example_file_holds_the_installed_values() {
     let path = example_path();
     let config = config::load(&path).unwrap_or_else(|err| panic!("{err}"));
     let dir = path.parent().expect("the example is in a directory");
     assert_eq!(config.gateway.id, "gw-1");
-    assert_eq!(config.gateway.data_dir, dir.join("../var/gateway"));
-    assert_eq!(config.devices.ca, dir.join("../certs/dev/device-ca.pem"));
-    assert_eq!(
-        config.devices.key,
-        dir.join("../certs/dev/gateway-devices.key")
-    );
-    assert_eq!(
-        config.cloud.cert,
-        dir.join("../certs/dev/gateway-client.pem")
-    );
+    assert_eq!(config.gateway.data_dir, Path::new("/var/lib/blindgate"));
+    assert_eq!(config.devices.ca, dir.join("certs/device-ca.pem"));
+    assert_eq!(config.devices.key, dir.join("certs/gateway-devices.key"));
+    assert_eq!(config.cloud.cert, dir.join("certs/gateway-client.pem"));
     assert_eq!(
         config.cloud.endpoints,
         [Endpoint {
-            host: "localhost".into(),
-            port: 8884
+            host: "cloud.example.com".into(),
+            port: 8883
         }]
     );
     assert_eq!(
         config.devices.listen,
-        SocketAddr::from(([127, 0, 0, 1], 8883))
+        SocketAddr::from(([0, 0, 0, 0], 8883))
     );
 }
 
 #[test]
-fn the_example_file_shows_the_defaults_except_its_lab_values() {
+fn the_example_file_shows_the_defaults_and_the_required_keys() {
     let path = example_path();
     let example = config::load(&path).unwrap_or_else(|err| panic!("{err}"));
-    let only_required_and_lab_values = r#"
+    let only_required = r#"
 [gateway]
 id = "gw-1"
-data_dir = "../var/gateway"
 [devices]
-listen = "127.0.0.1:8883"
-ca = "../certs/dev/device-ca.pem"
-cert = "../certs/dev/gateway-devices.pem"
-key = "../certs/dev/gateway-devices.key"
+ca = "certs/device-ca.pem"
+cert = "certs/gateway-devices.pem"
+key = "certs/gateway-devices.key"
 [cloud]
-endpoints = ["mqtts://localhost:8884"]
-ca = "../certs/dev/cloud-ca.pem"
-cert = "../certs/dev/gateway-client.pem"
-key = "../certs/dev/gateway-client.key"
+endpoints = ["mqtts://cloud.example.com:8883"]
+ca = "certs/cloud-ca.pem"
+cert = "certs/gateway-client.pem"
+key = "certs/gateway-client.key"
 "#;
-    let defaults =
-        config::parse(only_required_and_lab_values, &path).unwrap_or_else(|err| panic!("{err}"));
+    let defaults = config::parse(only_required, &path).unwrap_or_else(|err| panic!("{err}"));
     assert_eq!(example, defaults);
+}
+
+#[test]
+fn the_lab_config_differs_from_the_example_only_in_lab_values() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = blindgate::pki::LabConfigs::render(&blindgate::pki::DevPkiOptions {
+        out_dir: dir.path().join("lab"),
+        ..Default::default()
+    })
+    .expect("lab configs");
+    let lab_config =
+        config::parse(&lab.gateway.1, &lab.gateway.0).unwrap_or_else(|e| panic!("{e}"));
+    let mut example = config::load(&example_path()).unwrap_or_else(|err| panic!("{err}"));
+    let at = |name: &str| dir.path().join("lab").join(name);
+    example.gateway.data_dir = at("var/gateway");
+    example.devices.listen = SocketAddr::from(([127, 0, 0, 1], 8883));
+    example.devices.ca = at("device-ca.pem");
+    example.devices.cert = at("gateway-devices.pem");
+    example.devices.key = at("gateway-devices.key");
+    example.cloud.endpoints = vec![Endpoint {
+        host: "localhost".into(),
+        port: 8884,
+    }];
+    example.cloud.ca = at("cloud-ca.pem");
+    example.cloud.cert = at("gateway-client.pem");
+    example.cloud.key = at("gateway-client.key");
+    assert_eq!(lab_config, example);
+    // The comments come along: the lab file is the example, annotated.
+    assert!(lab.gateway.1.contains("# Required. This gateway's name"));
+    assert!(lab.cloud.1.contains("state_dir = \"var/cloud/state\""));
 }
 
 #[test]
@@ -564,24 +585,27 @@ fn an_unreadable_file_is_reported_with_its_cause() {
 }
 
 #[test]
-fn the_example_file_works_with_the_output_of_certs_dev() {
-    // Lay out a copy of the repository's config/ next to a fresh certs/dev, as the
-    // README's quick start does, and build the gateway's plan from it: every TLS file
+fn the_lab_config_of_certs_dev_builds_a_gateway_plan() {
+    // What the README's walk-through does: `certs dev --out lab` writes the PKI and
+    // lab configs, and the gateway's plan builds from lab/gateway.toml: every TLS file
     // is found and loads.
     let root = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(root.path().join("config")).expect("config dir");
-    let config = root.path().join("config/gateway.toml");
-    std::fs::copy(example_path(), &config).expect("copy example");
-    blindgate::pki::generate_dev_pki(&blindgate::pki::DevPkiOptions {
-        out_dir: root.path().join("certs/dev"),
+    let opts = blindgate::pki::DevPkiOptions {
+        out_dir: root.path().join("lab"),
         ..Default::default()
-    })
-    .expect("dev PKI");
-    let valid = config::load(&config).expect("example parses");
-    let plan = blindgate::gateway::GatewayPlan::from_config(&valid).expect("plan builds");
-    assert_eq!(
-        plan.queue.path,
-        root.path().join("config/../var/gateway/queue")
+    };
+    let lab = blindgate::pki::LabConfigs::render(&opts).expect("lab configs");
+    blindgate::pki::generate_dev_pki(&opts).expect("dev PKI");
+    lab.write(false).expect("lab configs written");
+    let checked = config::load_checked(&lab.gateway.0, config::PortCheck::Skip)
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(checked.warnings.is_empty(), "{:#?}", checked.warnings);
+    let plan = blindgate::gateway::GatewayPlan::from_config(&checked.config).expect("plan builds");
+    assert_eq!(plan.queue.path, root.path().join("lab/var/gateway/queue"));
+    assert!(
+        root.path().join("lab/var/gateway").is_dir(),
+        "data_dir created"
     );
-    assert!(root.path().join("var/gateway").is_dir(), "data_dir created");
+    let cloud = blindgate::cloud::config::load(&lab.cloud.0).expect("the lab cloud config loads");
+    assert!(cloud.settings.registry.is_some());
 }

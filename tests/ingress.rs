@@ -72,6 +72,7 @@ async fn start_with(
     let port = listener.local_addr().expect("addr").port();
     let stop = CancellationToken::new();
     let serve_stop = stop.clone();
+    let (_, tls) = tokio::sync::watch::channel(tls);
     tokio::spawn(async move { ingress.serve_tls(listener, tls, serve_stop).await });
     Gateway {
         port,

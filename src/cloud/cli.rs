@@ -88,13 +88,36 @@ async fn run_ingest(config: CloudConfig) -> Result<(), BoxError> {
     let ingest = tokio::spawn(super::run_with_sink(
         config.settings,
         config.sink,
-        metrics,
+        metrics.clone(),
         stop.child_token(),
     ));
-    crate::shutdown::terminate_signal().await;
+    serve_systemd(&metrics).await;
     stop.cancel();
     ingest.await??;
     Ok(())
+}
+
+/// Until SIGTERM/SIGINT: tells systemd the ingest is ready once it is subscribed, and
+/// feeds the watchdog from this loop.
+async fn serve_systemd(metrics: &CloudMetrics) {
+    let notifier = crate::systemd::Notifier::from_env();
+    let period = notifier.watchdog_interval();
+    let mut watchdog = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
+    let terminate = crate::shutdown::terminate_signal();
+    tokio::pin!(terminate);
+    let mut ready = std::pin::pin!(metrics.wait_subscribed(Duration::MAX));
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            () = &mut terminate => break,
+            _ = &mut ready, if !announced => {
+                announced = true;
+                notifier.ready("subscribed; ingesting");
+            }
+            _ = watchdog.tick(), if period.is_some() => notifier.watchdog(),
+        }
+    }
+    notifier.stopping();
 }
 
 async fn send(args: &SendArgs) -> Result<(), BoxError> {

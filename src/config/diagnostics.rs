@@ -19,7 +19,10 @@ use toml::de::{DeTable, DeValue};
 
 /// Everything wrong with a config file, or why it could not be read.
 ///
-/// `Display` prints one line per diagnostic: `path:line:column: key: message (hint: ...)`.
+/// `Display` prints one line per diagnostic: `path:line:column: key: message (hint: ...)`
+/// (`path:line:column: warning: key: ...` for a warning). An error from
+/// [`load_checked`](super::load_checked) also carries the warnings, so one listing is
+/// complete; [`ConfigError::errors`] counts only the errors.
 #[derive(Debug)]
 pub struct ConfigError {
     /// The config file, as given to [`load`](super::load) or [`parse`](super::parse).
@@ -40,11 +43,43 @@ impl ConfigError {
         }
     }
 
+    /// Every diagnostic of a file that was read, sorted by position (an internal
+    /// error is added if `diagnostics` holds no error, so the result is never a
+    /// `ConfigError` without one).
+    pub(crate) fn found(path: &Path, mut diagnostics: Vec<Diagnostic>) -> Self {
+        if !diagnostics.iter().any(Diagnostic::is_error) {
+            diagnostics.push(Diagnostic {
+                line: 1,
+                column: 1,
+                key: String::new(),
+                message: "internal error: rejected without an error".into(),
+                hint: None,
+                severity: Severity::Error,
+            });
+        }
+        sort(&mut diagnostics);
+        Self {
+            path: path.to_owned(),
+            diagnostics,
+            read: None,
+        }
+    }
+
     /// True if the file could not be read (missing, no permission), as opposed to
     /// read and found wrong.
     pub fn is_unreadable(&self) -> bool {
         self.read.is_some()
     }
+
+    /// How many of the diagnostics are errors (the rest are warnings).
+    pub fn errors(&self) -> usize {
+        self.diagnostics.iter().filter(|d| d.is_error()).count()
+    }
+}
+
+/// File order; at one position, errors before warnings.
+pub(crate) fn sort(diagnostics: &mut [Diagnostic]) {
+    diagnostics.sort_by_key(|d| (d.line, d.column, d.severity));
 }
 
 impl fmt::Display for ConfigError {
@@ -68,7 +103,19 @@ impl std::error::Error for ConfigError {
     }
 }
 
-/// One problem in the config file.
+/// How bad a [`Diagnostic`] is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    /// The gateway would not start (or would fail at once) with this: `check-config`
+    /// exits 1 and a reload is refused.
+    #[default]
+    Error,
+    /// Works today but deserves attention (a certificate expiring soon, a key file
+    /// readable by a group, a disk too small for the configured queue).
+    Warning,
+}
+
+/// One problem in the config file, or in what it points at (files, ports, disk).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
     /// 1-based line.
@@ -82,12 +129,25 @@ pub struct Diagnostic {
     pub message: String,
     /// How to fix it, when there is something specific to say.
     pub hint: Option<String>,
+    /// Error or warning. Everything the file parser reports is an error.
+    pub severity: Severity,
+}
+
+impl Diagnostic {
+    /// True for an error, false for a warning.
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
 }
 
 impl fmt::Display for Diagnostic {
-    /// `line:column: key: message (hint: ...)`, without the file name.
+    /// `line:column: key: message (hint: ...)`, without the file name; a warning has
+    /// `warning: ` before the key.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}: ", self.line, self.column)?;
+        if self.severity == Severity::Warning {
+            f.write_str("warning: ")?;
+        }
         if !self.key.is_empty() {
             write!(f, "{}: ", self.key)?;
         }
@@ -152,6 +212,7 @@ impl<'t> Reporter<'t> {
             key: key.to_owned(),
             message: problem.message,
             hint: problem.hint,
+            severity: Severity::Error,
         });
     }
 
@@ -187,17 +248,56 @@ impl<'t> Reporter<'t> {
                 Problem::new("internal error: the configuration is incomplete"),
             );
         }
-        self.diagnostics.sort_by_key(|d| (d.line, d.column));
-        Err(ConfigError {
-            path: path.to_owned(),
-            diagnostics: self.diagnostics,
-            read: None,
-        })
+        Err(ConfigError::found(path, self.diagnostics))
+    }
+
+    /// The position of every key located so far (see [`Reporter::locate`]) and the
+    /// keys already reported, for checks that run after parsing.
+    pub(crate) fn positions(&self) -> Positions {
+        Positions {
+            at: self
+                .locations
+                .iter()
+                .map(|(key, offset)| (key.clone(), line_column(self.text, *offset)))
+                .collect(),
+            reported: self.reported.clone(),
+        }
+    }
+}
+
+/// Where each key of a parsed file is (`line`, `column`), and which keys the parser
+/// already reported: checks after parsing place their diagnostics with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Positions {
+    at: BTreeMap<String, (usize, usize)>,
+    reported: BTreeSet<String>,
+}
+
+impl Positions {
+    /// Where `key` is; else its section's header (the part before the first `.`);
+    /// else line 1, column 1 (a key left at its default in a file without the section).
+    pub(crate) fn of(&self, key: &str) -> (usize, usize) {
+        let section = key.split(['.', '[']).next().unwrap_or(key);
+        self.at
+            .get(key)
+            .or_else(|| self.at.get(section))
+            .copied()
+            .unwrap_or((1, 1))
+    }
+
+    /// Records `key` at `line`, `column` (for files read without a [`Reporter`]).
+    pub(crate) fn insert(&mut self, key: &str, line: usize, column: usize) {
+        self.at.insert(key.to_owned(), (line, column));
+    }
+
+    /// True if the parser already reported a problem with `key`.
+    pub(crate) fn is_reported(&self, key: &str) -> bool {
+        self.reported.contains(key)
     }
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let mut offset = offset.min(text.len());
     while !text.is_char_boundary(offset) {
         offset -= 1;
@@ -469,6 +569,7 @@ mod tests {
             key: "queue.max_byte".into(),
             message: "unknown key".into(),
             hint: Some("did you mean `max_bytes`?".into()),
+            severity: Severity::Error,
         };
         assert_eq!(
             diagnostic.to_string(),
@@ -481,5 +582,15 @@ mod tests {
             ..diagnostic
         };
         assert_eq!(syntax.to_string(), "3:7: unclosed array");
+        let warning = Diagnostic {
+            key: "devices.cert".into(),
+            message: "expires in 12 days".into(),
+            severity: Severity::Warning,
+            ..syntax
+        };
+        assert_eq!(
+            warning.to_string(),
+            "3:7: warning: devices.cert: expires in 12 days"
+        );
     }
 }

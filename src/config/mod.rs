@@ -9,11 +9,15 @@
 //! across keys, and defaults fill what the file leaves out. Every problem is reported
 //! at once with `file:line:column`; nothing falls back to a default silently.
 //!
-//! Only the file itself is checked here: whether certificate files exist or ports are
-//! free is for `check-config`. Relative paths are resolved against the directory of
-//! the config file. `config/gateway.toml` is the commented example; it and the
-//! `Default:` lines below must agree (a test compares them).
+//! Only the file itself is checked by [`load`] and [`parse`]: whether certificate
+//! files exist and fit together, ports are free and the disk is large enough is
+//! checked by [`load_checked`] (the `check` module, used by `blindgate check-config`
+//! and before a reload). Relative paths are resolved against the directory of the
+//! config file. `config/gateway.toml` is the commented example (installed as
+//! `/etc/blindgate/gateway.toml`); it and the `Default:` lines below must agree (a
+//! test compares them).
 
+mod check;
 mod diagnostics;
 pub mod units;
 
@@ -25,9 +29,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use diagnostics::{ConfigError, Diagnostic};
+pub use check::{
+    CheckReport, Checked, ConfigKind, EXIT_ERRORS, EXIT_OK, EXIT_UNREADABLE, EXPIRY_WARNING_DAYS,
+    PortCheck, check_command, check_config_file, load_checked,
+};
+pub use diagnostics::{ConfigError, Diagnostic, Severity};
 
-use diagnostics::{Problem, Reporter, did_you_mean, field_names};
+use diagnostics::{Positions, Problem, Reporter, did_you_mean, field_names};
 use units::{ByteSize, Count, HumanDuration, format_byte_size, format_duration};
 
 pub use crate::logging::LogFormat;
@@ -248,13 +256,34 @@ pub fn load(path: &Path) -> Result<ValidConfig, ConfigError> {
 /// [`ConfigError`] with every problem found: a TOML syntax error alone, or all unknown
 /// keys, wrongly typed values and semantic problems together.
 pub fn parse(text: &str, path: &Path) -> Result<ValidConfig, ConfigError> {
+    parse_located(text, path).result
+}
+
+/// What [`parse_located`] found: the result of [`parse`], and for the checks after
+/// parsing the sections that are valid on their own (even when others are not) and
+/// where each key is.
+pub(crate) struct Located {
+    pub(crate) result: Result<ValidConfig, ConfigError>,
+    pub(crate) sections: Sections,
+    pub(crate) positions: Positions,
+}
+
+/// [`parse`], keeping the valid sections and the key positions.
+pub(crate) fn parse_located(text: &str, path: &Path) -> Located {
     let mut reporter = Reporter::new(text);
-    let config =
-        diagnostics::deserialize_collecting::<RawConfig>(&mut reporter, keys_of).and_then(|raw| {
+    let sections = diagnostics::deserialize_collecting::<RawConfig>(&mut reporter, keys_of)
+        .map(|raw| {
             let base_dir = path.parent().unwrap_or(Path::new(""));
             validate(raw, base_dir, &mut reporter)
-        });
-    reporter.finish(path, config)
+        })
+        .unwrap_or_default();
+    let positions = reporter.positions();
+    let result = reporter.finish(path, sections.clone().complete());
+    Located {
+        result,
+        sections,
+        positions,
+    }
 }
 
 // The file as written: every key optional, each value with its span.
@@ -407,7 +436,34 @@ const MIN_ENVELOPE_SIZE: u64 = e3::FIXED_OVERHEAD as u64 + 1;
 
 // Checking.
 
-fn validate(raw: RawConfig, base_dir: &Path, reporter: &mut Reporter<'_>) -> Option<ValidConfig> {
+/// Each section of the file that is valid on its own; `None` for one with a problem.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sections {
+    pub(crate) gateway: Option<GatewaySection>,
+    pub(crate) devices: Option<DevicesSection>,
+    pub(crate) envelope: Option<EnvelopeSection>,
+    pub(crate) queue: Option<QueueSection>,
+    pub(crate) cloud: Option<CloudSection>,
+    pub(crate) metrics: Option<MetricsSection>,
+    pub(crate) log: Option<LogSection>,
+}
+
+impl Sections {
+    /// The whole configuration, if every section is valid.
+    fn complete(self) -> Option<ValidConfig> {
+        Some(ValidConfig {
+            gateway: self.gateway?,
+            devices: self.devices?,
+            envelope: self.envelope?,
+            queue: self.queue?,
+            cloud: self.cloud?,
+            metrics: self.metrics?,
+            log: self.log?,
+        })
+    }
+}
+
+fn validate(raw: RawConfig, base_dir: &Path, reporter: &mut Reporter<'_>) -> Sections {
     let gateway = gateway_section(reporter, raw.gateway, base_dir);
     let devices = devices_section(reporter, raw.devices, base_dir);
     let envelope = envelope_section(reporter, raw.envelope);
@@ -422,15 +478,15 @@ fn validate(raw: RawConfig, base_dir: &Path, reporter: &mut Reporter<'_>) -> Opt
     if let (Some(devices), Some(metrics)) = (&devices, &metrics) {
         check_listeners_distinct(reporter, devices, metrics);
     }
-    Some(ValidConfig {
-        gateway: gateway?,
-        devices: devices?,
-        envelope: envelope?,
-        queue: queue?,
-        cloud: cloud?,
-        metrics: metrics?,
-        log: log?,
-    })
+    Sections {
+        gateway,
+        devices,
+        envelope,
+        queue,
+        cloud,
+        metrics,
+        log,
+    }
 }
 
 /// Checks the keys of one section and reports problems under `section.key`.

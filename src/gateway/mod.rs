@@ -5,9 +5,16 @@
 //! and send their PUBACKs (bounded); close the queue (its writer finishes and removals
 //! are flushed); disconnect the uplink cleanly. The next start resumes from the queue.
 
+pub mod certificates;
+mod health;
 mod plan;
+mod reload;
+mod service;
 
+pub use health::Health;
 pub use plan::PlanError;
+pub use reload::{ReloadOutcome, Reloader};
+pub use service::run_service;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,11 +26,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{self, Health};
+use tokio::sync::{Notify, watch};
+
+use crate::http;
 use crate::ingress::{DeviceRegistry, Ingress, IngressSettings};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueConfig, QueueError};
-use crate::uplink::{self, UplinkSettings};
+use crate::uplink::{self, UplinkControl, UplinkSettings};
 
 /// Everything the gateway runs with, already validated.
 #[derive(Clone)]
@@ -79,6 +88,15 @@ pub struct Gateway {
     ingress_tasks: Vec<JoinHandle<()>>,
     uplink_task: JoinHandle<()>,
     http_task: Option<JoinHandle<()>>,
+    live: Live,
+}
+
+/// What a reload changes in a running gateway.
+struct Live {
+    device_tls: watch::Sender<Arc<ServerConfig>>,
+    uplink: watch::Sender<UplinkSettings>,
+    reconnect: Arc<Notify>,
+    health: Health,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -109,10 +127,19 @@ impl Gateway {
         let stop_ingress = CancellationToken::new();
         let stop_rest = CancellationToken::new();
 
+        let health = Health::new(queue.clone(), metrics.clone(), plan.ready_max_ack_age);
+        metrics
+            .queue_max_bytes
+            .set(i64::try_from(plan.queue.max_bytes).unwrap_or(i64::MAX));
+        let (device_tls, tls) = watch::channel(Arc::clone(&plan.device_tls));
+        let (uplink_settings, settings) = watch::channel(plan.uplink.clone());
+        let reconnect = Arc::new(Notify::new());
+        health.set_endpoints(endpoint_list(&plan.uplink));
+
         let devices = bind(plan.device_listen).await?;
         let device_addr = local(&devices, plan.device_listen);
         let mut ingress_tasks = Vec::new();
-        let (tls, stop) = (Arc::clone(&plan.device_tls), stop_ingress.clone());
+        let stop = stop_ingress.clone();
         let serving = ingress.clone();
         ingress_tasks.push(tokio::spawn(async move {
             serving.serve_tls(devices, tls, stop).await;
@@ -132,15 +159,18 @@ impl Gateway {
         if let Some(addr) = plan.metrics_listen {
             let listener = bind(addr).await?;
             metrics_addr = Some(local(&listener, addr));
-            let health = Health::new(queue.clone(), metrics.clone(), plan.ready_max_ack_age);
             http_task = Some(tokio::spawn(http::serve(
                 listener,
-                health,
+                health.clone(),
                 stop_rest.clone(),
             )));
         }
+        let control = UplinkControl {
+            settings,
+            reconnect: Arc::clone(&reconnect),
+        };
         let uplink_task = tokio::spawn(uplink::run(
-            plan.uplink.clone(),
+            control,
             queue.clone(),
             Arc::clone(&registry),
             metrics.clone(),
@@ -159,7 +189,34 @@ impl Gateway {
             ingress_tasks,
             uplink_task,
             http_task,
+            live: Live {
+                device_tls,
+                uplink: uplink_settings,
+                reconnect,
+                health,
+            },
         })
+    }
+
+    /// Puts the reloadable parts of `plan` in use: the device listener's TLS (for new
+    /// connections), the uplink's settings (from its next connection; at once if
+    /// `reconnect`) and the readiness age. Connected devices and the queue are not
+    /// touched.
+    pub fn apply(&self, plan: &GatewayPlan, reconnect: bool) {
+        self.live
+            .device_tls
+            .send_replace(Arc::clone(&plan.device_tls));
+        self.live.uplink.send_replace(plan.uplink.clone());
+        self.live.health.set_max_ack_age(plan.ready_max_ack_age);
+        self.live.health.set_endpoints(endpoint_list(&plan.uplink));
+        if reconnect {
+            self.live.reconnect.notify_one();
+        }
+    }
+
+    /// The health the HTTP endpoint reports (also updated by reloads).
+    pub fn health(&self) -> &Health {
+        &self.live.health
     }
 
     /// Where devices connect (the bound address, useful with port 0).
@@ -208,6 +265,11 @@ impl Gateway {
         }
         tracing::info!("gateway stopped");
     }
+}
+
+fn endpoint_list(settings: &UplinkSettings) -> String {
+    let names: Vec<String> = settings.endpoints.iter().map(ToString::to_string).collect();
+    names.join(", ")
 }
 
 /// Runs the gateway until `shutdown` completes, then stops it cleanly.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -95,6 +95,7 @@ impl Shared {
         self.metrics.reject(reason);
         if let Some(suppressed) = self.log.check(reason.as_str()) {
             tracing::warn!(reason = reason.as_str(), suppressed, "{what}");
+            self.metrics.problems.record(reason.as_str(), what);
         }
     }
 }
@@ -133,15 +134,18 @@ impl Ingress {
 
     /// Accepts TLS connections until `shutdown`, then waits for every session to finish
     /// its pending queue writes (each session drains for at most a few seconds).
+    ///
+    /// Each new connection uses the TLS configuration `tls` holds at that moment, so
+    /// a reloaded certificate serves the next handshake; sessions already running
+    /// keep theirs.
     pub async fn serve_tls(
         &self,
         listener: TcpListener,
-        tls: Arc<ServerConfig>,
+        tls: watch::Receiver<Arc<ServerConfig>>,
         shutdown: CancellationToken,
     ) {
-        let acceptor = TlsAcceptor::from(tls);
         self.accept_loop(listener, shutdown, move |ingress, tcp, peer, stop| {
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(Arc::clone(&tls.borrow()));
             async move { ingress.handle_tls(acceptor, tcp, peer, stop).await }
         })
         .await;
@@ -210,6 +214,10 @@ impl Ingress {
                 self.shared.metrics.reject(Rejection::TlsHandshake);
                 if let Some(suppressed) = self.shared.log.check(Rejection::TlsHandshake.as_str()) {
                     tracing::warn!(%peer, error = %err, suppressed, "device TLS handshake failed");
+                    self.shared.metrics.problems.record(
+                        Rejection::TlsHandshake.as_str(),
+                        format!("device TLS handshake from {peer} failed: {err}"),
+                    );
                 }
                 return;
             }

@@ -2,13 +2,16 @@
 
 use std::path::PathBuf;
 
-use super::{DevPkiOptions, PkiError, generate_dev_pki};
+use super::{DevPkiOptions, LabConfigs, PkiError, generate_dev_pki};
 
 /// Generate a development PKI: a cloud CA and a device CA, the cloud broker's, the
-/// gateway's, the cloud ingest's and each device's certificate (for local use only).
+/// gateway's, the cloud ingest's and each device's certificate (for local use only),
+/// and lab configs beside them: gateway.toml, cloud.toml and registry.toml (the
+/// installed examples with paths, endpoints and listeners for a lab in DIR; the cloud
+/// broker is expected at <cloud-host>:8884).
 #[derive(Debug, Clone, clap::Args)]
 pub struct CertsDevArgs {
-    /// Directory to write the PEM files to.
+    /// Directory to write the PEM files and lab configs to.
     #[arg(long, default_value = "certs/dev")]
     out: PathBuf,
     /// The gateway's id (CN of its certificates).
@@ -41,15 +44,25 @@ impl From<CertsDevArgs> for DevPkiOptions {
     }
 }
 
-/// Generates the dev PKI and prints each file written, one per line.
+/// Generates the dev PKI and the lab configs and prints each file written, one per
+/// line.
 ///
 /// # Errors
 /// See [`PkiError`]; nothing is written if a file exists and `--force` was not given.
 pub fn run(args: CertsDevArgs) -> Result<(), PkiError> {
-    let pki = generate_dev_pki(&DevPkiOptions::from(args))?;
+    let opts = DevPkiOptions::from(args);
+    let lab = LabConfigs::render(&opts)?;
+    if !opts.force {
+        lab.refuse_existing()?;
+    }
+    let pki = generate_dev_pki(&opts)?;
+    lab.write(opts.force)?;
     for paths in pki.pairs() {
         println!("{}", paths.cert.display());
         println!("{}", paths.key.display());
+    }
+    for (path, _) in lab.files() {
+        println!("{}", path.display());
     }
     Ok(())
 }

@@ -6,6 +6,11 @@
 //! **device CA** (the site's: the gateway's device listener and the devices). All keys
 //! are ECDSA P-256; every `.key` file is created with mode 0600. These certificates
 //! are for development and tests only.
+//!
+//! [`LabConfigs`] are the lab versions of the installed example configs
+//! (`config/gateway.toml`, `config/cloud.toml`, embedded here), with only the state
+//! paths, endpoints, listener and certificate paths changed to point into the PKI's
+//! directory; `blindgate certs dev` writes them beside the certificates.
 
 pub mod cli;
 
@@ -136,6 +141,176 @@ impl DevPki {
     }
 }
 
+/// The installed gateway config, the base of the lab one.
+const GATEWAY_EXAMPLE: &str = include_str!("../../config/gateway.toml");
+/// The installed cloud ingest config, the base of the lab one.
+const CLOUD_EXAMPLE: &str = include_str!("../../config/cloud.toml");
+/// Mode of the lab config files (no secrets in them).
+const CONFIG_MODE: u32 = 0o644;
+/// The cloud broker's port in the lab (8883 is the gateway's device listener).
+pub const LAB_BROKER_PORT: u16 = 8884;
+
+/// Lab configs for a dev PKI: `gateway.toml`, `cloud.toml` and `registry.toml` in the
+/// PKI's directory, with paths relative to it (so the directory can be moved).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabConfigs {
+    /// `DIR/gateway.toml`: state in `DIR/var/gateway`, devices on 127.0.0.1:8883, the
+    /// broker at `mqtts://<cloud host>:8884`, metrics on 127.0.0.1:9464.
+    pub gateway: (PathBuf, String),
+    /// `DIR/cloud.toml`: the ingest's state under `DIR/var/cloud`, metrics on
+    /// 127.0.0.1:9465.
+    pub cloud: (PathBuf, String),
+    /// `DIR/registry.toml`: one tenant, `lab`, with the gateway and every device.
+    pub registry: (PathBuf, String),
+}
+
+impl LabConfigs {
+    /// The lab configs for `opts` (nothing is written).
+    ///
+    /// # Errors
+    /// [`PkiError::LabConfig`] if an embedded example lacks a key to rewrite (a bug
+    /// caught by the tests).
+    pub fn render(opts: &DevPkiOptions) -> Result<Self, PkiError> {
+        let dir = opts.out_dir.as_path();
+        let host = match opts.cloud_host.parse::<Ipv6Addr>() {
+            Ok(_) => format!("[{}]", opts.cloud_host),
+            Err(_) => opts.cloud_host.clone(),
+        };
+        let broker = format!("mqtts://{host}:{LAB_BROKER_PORT}");
+        let q = |text: &str| format!("{text:?}");
+        let header = |name: &str| {
+            format!(
+                "# Lab configuration written by `blindgate certs dev`: the installed\n\
+                 # config/{name} with lab paths (relative to this directory), endpoints\n\
+                 # and listeners. For development only.\n#\n"
+            )
+        };
+        let gateway = rewrite(
+            "gateway.toml",
+            GATEWAY_EXAMPLE,
+            &[
+                ("gateway", "id", q(&opts.gateway_id)),
+                ("gateway", "data_dir", q("var/gateway")),
+                ("devices", "listen", q("127.0.0.1:8883")),
+                ("devices", "ca", q("device-ca.pem")),
+                ("devices", "cert", q("gateway-devices.pem")),
+                ("devices", "key", q("gateway-devices.key")),
+                ("cloud", "endpoints", format!("[{}]", q(&broker))),
+                ("cloud", "ca", q("cloud-ca.pem")),
+                ("cloud", "cert", q("gateway-client.pem")),
+                ("cloud", "key", q("gateway-client.key")),
+            ],
+        )?;
+        let cloud = rewrite(
+            "cloud.toml",
+            CLOUD_EXAMPLE,
+            &[
+                ("broker", "url", q(&broker)),
+                ("broker", "ca", q("cloud-ca.pem")),
+                ("broker", "cert", q("cloud-ingest.pem")),
+                ("broker", "key", q("cloud-ingest.key")),
+                ("store", "keys_dir", q("var/cloud/keys")),
+                ("store", "state_dir", q("var/cloud/state")),
+                ("store", "registry", q("registry.toml")),
+                ("sink", "jsonl", q("var/cloud/messages.jsonl")),
+                ("sink", "images_dir", q("var/cloud/images")),
+            ],
+        )?;
+        let list = |items: &[String]| {
+            let quoted: Vec<String> = items.iter().map(|item| q(item)).collect();
+            format!("[{}]", quoted.join(", "))
+        };
+        let registry = format!(
+            "# Lab registry written by `blindgate certs dev`: one tenant with the dev PKI's\n\
+             # gateway and devices. The cloud ingest refuses a device arriving through a\n\
+             # gateway its tenant does not list.\n\n\
+             [[tenant]]\nname = \"lab\"\ngateways = {}\ndevices = {}\n",
+            list(std::slice::from_ref(&opts.gateway_id)),
+            list(&opts.devices),
+        );
+        Ok(Self {
+            gateway: (dir.join("gateway.toml"), header("gateway.toml") + &gateway),
+            cloud: (dir.join("cloud.toml"), header("cloud.toml") + &cloud),
+            registry: (dir.join("registry.toml"), registry),
+        })
+    }
+
+    /// The three files and their contents.
+    pub fn files(&self) -> [&(PathBuf, String); 3] {
+        [&self.gateway, &self.cloud, &self.registry]
+    }
+
+    /// Refuses if one of the files exists (before anything is written).
+    ///
+    /// # Errors
+    /// [`PkiError::Exists`] naming the first existing file.
+    pub fn refuse_existing(&self) -> Result<(), PkiError> {
+        match self
+            .files()
+            .into_iter()
+            .find(|(path, _)| path.symlink_metadata().is_ok())
+        {
+            Some((path, _)) => Err(PkiError::Exists { path: path.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the three files (mode 0644, fsync'd); `force` replaces existing ones.
+    ///
+    /// # Errors
+    /// [`PkiError::CreateDir`], [`PkiError::Write`].
+    pub fn write(&self, force: bool) -> Result<(), PkiError> {
+        if let Some(dir) = self.gateway.0.parent() {
+            create_dir(dir)?;
+        }
+        for (path, text) in self.files() {
+            write_file(path, text, CONFIG_MODE, force)?;
+        }
+        Ok(())
+    }
+}
+
+/// `text` with the value of each `(section, key, value)` replaced; every key must be
+/// set exactly once in its section, on a line of its own.
+fn rewrite(
+    file: &'static str,
+    text: &str,
+    values: &[(&str, &str, String)],
+) -> Result<String, PkiError> {
+    let mut hits = vec![0usize; values.len()];
+    let mut section = String::new();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if let Some(name) = trimmed.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            section = name.trim().to_owned();
+        }
+        let key = trimmed
+            .split_once('=')
+            .map(|(key, _)| key.trim())
+            .filter(|_| !trimmed.starts_with('#'));
+        let found = values
+            .iter()
+            .position(|(s, k, _)| Some(*k) == key && *s == section);
+        match found {
+            Some(index) => {
+                hits[index] += 1;
+                let (_, key, value) = &values[index];
+                out.push_str(&format!("{key} = {value}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    match hits.iter().position(|hits| *hits != 1) {
+        Some(index) => Err(PkiError::LabConfig {
+            file,
+            key: format!("{}.{}", values[index].0, values[index].1),
+        }),
+        None => Ok(out),
+    }
+}
+
 /// What can go wrong while generating a dev PKI.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -202,6 +377,14 @@ pub enum PkiError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// An embedded example config lacks a key the lab config rewrites (a bug).
+    #[error("the embedded config/{file} does not set {key} exactly once")]
+    LabConfig {
+        /// The example file.
+        file: &'static str,
+        /// The key, `section.key`.
+        key: String,
     },
     /// rcgen could not generate a key or certificate.
     #[error("cannot generate {what}")]
@@ -581,6 +764,34 @@ mod tests {
             let err = generate_dev_pki(&opts).expect_err("out of range");
             assert!(matches!(err, PkiError::Validity { .. }), "{days}: {err:?}");
         }
+    }
+
+    #[test]
+    fn lab_configs_rewrite_each_key_once_and_bracket_ipv6_hosts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = DevPkiOptions {
+            cloud_host: "::1".into(),
+            gateway_id: "gw-lab".into(),
+            ..options(dir.path())
+        };
+        let lab = LabConfigs::render(&opts).expect("renders");
+        assert!(
+            lab.gateway
+                .1
+                .contains("endpoints = [\"mqtts://[::1]:8884\"]")
+        );
+        assert!(lab.gateway.1.contains("id = \"gw-lab\""));
+        assert!(lab.cloud.1.contains("url = \"mqtts://[::1]:8884\""));
+        assert!(lab.registry.1.contains("gateways = [\"gw-lab\"]"));
+        assert_eq!(lab.gateway.0, dir.path().join("pki/gateway.toml"));
+
+        let missing = rewrite("x.toml", "[a]\nb = 1\n", &[("a", "c", "2".into())]);
+        assert!(
+            matches!(missing, Err(PkiError::LabConfig { .. })),
+            "{missing:?}"
+        );
+        let commented = rewrite("x.toml", "[a]\n# b = 1\nb = 1\n", &[("a", "b", "2".into())]);
+        assert_eq!(commented.expect("one b"), "[a]\n# b = 1\nb = 2\n");
     }
 
     #[test]

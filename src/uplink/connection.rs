@@ -14,7 +14,7 @@ use rumqttc::{
     AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration,
     Transport,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +30,8 @@ use crate::queue::Queue;
 pub(crate) enum Ended {
     /// The gateway is stopping; the connection was closed cleanly.
     Shutdown,
+    /// A reload changed the cloud settings; the connection was closed cleanly.
+    Reconfigured,
     /// The connection failed or was lost; `forwarded` tells whether it got a CONNACK.
     Lost {
         /// True if the broker accepted the connection before it ended.
@@ -44,6 +46,19 @@ pub(crate) struct Connection<'a> {
     pub(crate) queue: &'a Queue,
     pub(crate) registry: &'a Arc<DeviceRegistry>,
     pub(crate) metrics: &'a Metrics,
+}
+
+/// Sends DISCONNECT and lets the event loop write it (bounded): records in flight
+/// stay in the queue and go out again on the next connection.
+async fn close(
+    client: &AsyncClient,
+    events: &mut mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+) {
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = events.recv().await {}
+    })
+    .await;
 }
 
 impl Connection<'_> {
@@ -67,7 +82,7 @@ impl Connection<'_> {
     }
 
     /// Runs the connection until it ends.
-    pub(crate) async fn run(&self, shutdown: &CancellationToken) -> Ended {
+    pub(crate) async fn run(&self, shutdown: &CancellationToken, reconnect: &Notify) -> Ended {
         // Room for the whole window plus a subscribe and a disconnect: publishing never
         // waits on this channel.
         let (client, eventloop) = AsyncClient::new(self.options(), self.settings.window + 8);
@@ -79,11 +94,13 @@ impl Connection<'_> {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
-                    let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while let Some(Ok(_)) = events.recv().await {}
-                    }).await;
+                    close(&client, &mut events).await;
                     break Ended::Shutdown;
+                }
+                () = reconnect.notified() => {
+                    tracing::info!(endpoint = %self.endpoint, "uplink reconnecting with reloaded settings");
+                    close(&client, &mut events).await;
+                    break Ended::Reconfigured;
                 }
                 event = events.recv() => match event {
                     Some(Ok(event)) => {

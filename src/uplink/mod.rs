@@ -18,6 +18,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::ingress::DeviceRegistry;
@@ -105,21 +106,44 @@ impl Backoff {
     }
 }
 
+/// What a reload may change while the uplink runs: the settings each new connection
+/// uses (a replaced certificate is used from the next connection on), and a signal to
+/// close the current connection at once and reconnect with them (new endpoints or
+/// client id).
+#[derive(Clone)]
+pub struct UplinkControl {
+    /// The settings for the next connection.
+    pub settings: watch::Receiver<UplinkSettings>,
+    /// Notified to reconnect now with the latest settings.
+    pub reconnect: Arc<Notify>,
+}
+
 /// Runs the uplink until `shutdown`; then closes the connection cleanly.
 pub async fn run(
-    settings: UplinkSettings,
+    control: UplinkControl,
     queue: Queue,
     registry: Arc<DeviceRegistry>,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    if settings.endpoints.is_empty() {
-        tracing::error!("no cloud endpoint configured; the uplink is off");
-        return;
-    }
+    let mut settings_rx = control.settings;
+    let mut settings = settings_rx.borrow_and_update().clone();
     let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut current = 0;
     loop {
+        if settings_rx.has_changed().unwrap_or(false) {
+            let next = settings_rx.borrow_and_update().clone();
+            if next.endpoints != settings.endpoints {
+                current = 0;
+            }
+            backoff = Backoff::new(next.backoff_min, next.backoff_max);
+            settings = next;
+        }
+        if settings.endpoints.is_empty() {
+            tracing::error!("no cloud endpoint configured; the uplink is off");
+            return;
+        }
+        current %= settings.endpoints.len();
         let connection = Connection {
             settings: &settings,
             endpoint: &settings.endpoints[current],
@@ -127,8 +151,23 @@ pub async fn run(
             registry: &registry,
             metrics: &metrics,
         };
-        match connection.run(&shutdown).await {
+        let ended = connection.run(&shutdown, &control.reconnect).await;
+        if matches!(ended, Ended::Lost { .. }) {
+            metrics.uplink_connection_failures.inc();
+            metrics.problems.record(
+                "uplink_lost",
+                format!(
+                    "connection to {} failed or was lost",
+                    settings.endpoints[current]
+                ),
+            );
+        }
+        match ended {
             Ended::Shutdown => return,
+            Ended::Reconfigured => {
+                backoff.reset();
+                continue;
+            }
             Ended::Lost {
                 was_connected: true,
             } => backoff.reset(),
@@ -140,6 +179,8 @@ pub async fn run(
         tracing::info!(next = %settings.endpoints[current], ?delay, "uplink retrying");
         tokio::select! {
             () = shutdown.cancelled() => return,
+            // A reload during the backoff: connect now, with the new settings.
+            () = control.reconnect.notified() => {}
             () = tokio::time::sleep(delay) => {}
         }
     }
