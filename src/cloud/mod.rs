@@ -299,6 +299,16 @@ struct Session<'a> {
     metrics: &'a CloudMetrics,
     pending: Vec<(Publish, Outcome)>,
     batch_started: Option<Instant>,
+    /// Acks and receipts the client's request channel had no room for yet: sent as
+    /// the event loop drains it, never dropped (a lost ack makes the broker redeliver
+    /// for ever and holds an inflight slot; a lost receipt makes the device resend).
+    unsent: std::collections::VecDeque<Unsent>,
+}
+
+/// A request waiting for room in the client's channel.
+enum Unsent {
+    Ack(Publish),
+    Receipt(String, Vec<u8>),
 }
 
 impl<'a> Session<'a> {
@@ -309,6 +319,28 @@ impl<'a> Session<'a> {
             metrics,
             pending: Vec::new(),
             batch_started: None,
+            unsent: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Hands waiting acks and receipts to the client, in order, until its channel is
+    /// full. Never waits: the event loop that drains the channel needs this task to
+    /// keep reading events.
+    fn send_unsent(&mut self, client: &AsyncClient) {
+        while let Some(request) = self.unsent.front() {
+            let sent = match request {
+                Unsent::Ack(publish) => client.try_ack(publish).is_ok(),
+                Unsent::Receipt(topic, envelope) => client
+                    .try_publish(topic.clone(), QoS::AtLeastOnce, false, envelope.clone())
+                    .is_ok(),
+            };
+            if !sent {
+                return;
+            }
+            if matches!(request, Unsent::Receipt(..)) {
+                self.metrics.receipts.inc();
+            }
+            self.unsent.pop_front();
         }
     }
 
@@ -342,7 +374,9 @@ impl<'a> Session<'a> {
         });
         let mut connected = false;
         let result = loop {
+            self.send_unsent(&client);
             let deadline = self.batch_started.map(|t| t + self.settings.batch_delay);
+            let retry = (!self.unsent.is_empty()).then(|| Instant::now() + Duration::from_millis(5));
             tokio::select! {
                 () = shutdown.cancelled() => {
                     let committed = self.flush(&client).await;
@@ -382,6 +416,8 @@ impl<'a> Session<'a> {
                         break Err(err);
                     }
                 }
+                // The channel was full: try again once the event loop had a turn.
+                () = sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {}
             }
         };
         poller.abort();
@@ -400,21 +436,17 @@ impl<'a> Session<'a> {
             .await?;
         let pending = std::mem::take(&mut self.pending);
         let mut routes = Vec::new();
-        for (publish, outcome) in &pending {
-            let _ = client.try_ack(publish);
+        for (publish, outcome) in pending {
             if let Outcome::Accepted(route) | Outcome::Duplicate(route) = outcome {
-                routes.push(route.clone());
+                routes.push(route);
             }
+            self.unsent.push_back(Unsent::Ack(publish));
         }
         for (gateway, device, envelope) in self.ingest.receipts(&routes) {
             let topic = self.settings.down_topic.render(&gateway, &device);
-            if client
-                .try_publish(topic, QoS::AtLeastOnce, false, envelope)
-                .is_ok()
-            {
-                self.metrics.receipts.inc();
-            }
+            self.unsent.push_back(Unsent::Receipt(topic, envelope));
         }
+        self.send_unsent(client);
         Ok(())
     }
 }
