@@ -376,7 +376,8 @@ impl<'a> Session<'a> {
         let result = loop {
             self.send_unsent(&client);
             let deadline = self.batch_started.map(|t| t + self.settings.batch_delay);
-            let retry = (!self.unsent.is_empty()).then(|| Instant::now() + Duration::from_millis(5));
+            let retry =
+                (!self.unsent.is_empty()).then(|| Instant::now() + Duration::from_millis(5));
             tokio::select! {
                 () = shutdown.cancelled() => {
                     let committed = self.flush(&client).await;
