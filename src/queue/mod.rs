@@ -614,7 +614,7 @@ fn open_db(config: &QueueConfig, counters: &QueueCounters) -> Result<sled::Db, Q
             .cache_capacity(config.cache_size)
             .flush_every_ms(Some(500))
     };
-    match sled_config().open() {
+    match open_when_unlocked(&sled_config()) {
         Ok(db) => Ok(db),
         Err(sled::Error::Io(err)) => Err(QueueError::Storage {
             path: config.path.clone(),
@@ -636,6 +636,25 @@ fn open_db(config: &QueueConfig, counters: &QueueCounters) -> Result<sled::Db, Q
                 path: config.path.clone(),
                 source: Arc::new(source),
             })
+        }
+    }
+}
+
+/// Opens the database, waiting (up to 5 s) while sled's file lock is still held by
+/// the handles of a queue of this process that was just closed: sled releases the
+/// lock only when its last background thread drops its handle, which can lag a
+/// close on a loaded machine. Another process holding the lock still fails, later.
+fn open_when_unlocked(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(err))
+                if err.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
         }
     }
 }
