@@ -41,6 +41,9 @@ enum Command {
     /// Simulated devices (`device simulate`).
     #[command(subcommand)]
     Device(device::cli::DeviceCommand),
+    /// The gateway's durable queue, offline (`queue inspect`).
+    #[command(subcommand)]
+    Queue(crate::queue::inspect::QueueCommand),
     /// Write the man pages (packaging; docs/PACKAGING.md).
     #[command(hide = true)]
     Manpage(manpage::ManpageArgs),
@@ -126,6 +129,7 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Command::E3(cmd) => e3_tool::run(cmd).map_err(Into::into),
         Command::Certs(CertsCommand::Dev(args)) => pki::cli::run(args).map_err(Into::into),
         Command::Device(cmd) => device::cli::run(cmd).map_err(Into::into),
+        Command::Queue(cmd) => crate::queue::inspect::run(cmd),
         Command::Keys(cmd) => keys::cli::run(cmd).map_err(Into::into),
         Command::Cloud(cmd) => crate::cloud::cli::run(cmd),
         Command::Manpage(args) => manpage::run(&args).map_err(Into::into),

@@ -12,23 +12,57 @@
 //! - Records are keyed by device and a globally increasing id: per-device FIFO, and a
 //!   drain that can take turns between devices.
 //! - On open, every record is checked (CRC-32 over key and value); a damaged one is
-//!   moved to the `quarantine` tree and counted, and the rest is kept. A database sled
-//!   cannot open at all is moved aside whole and a fresh one started, so the gateway
-//!   keeps running (the old directory stays on disk for offline inspection).
+//!   moved to the `quarantine` tree and counted, and the rest is kept.
+//! - sled 0.34 replays its log only up to the first message that fails its own
+//!   checksum; what was written after it is not recovered and never reaches this layer.
+//!   The queue gets back what sled allows: a damaged `conf` is set aside (sled writes a
+//!   fresh one), a snapshot pointing into damage is dropped so the whole log is
+//!   replayed, pages sled cannot read are read around (the readable records are copied
+//!   into a fresh database). Whenever that happens a copy of the damaged database is
+//!   kept next to the queue (`queue.damaged-<time>`, for `blindgate queue inspect`); a
+//!   database nothing can be read from is set aside whole and a fresh one started, so
+//!   the gateway keeps running.
+//! - A clean stop ([`Queue::close`]) leaves `queue.clean` with the number of records;
+//!   the next open compares and counts what is missing (`lost_at_open`), so damage
+//!   between a stop and a start is never silent. After a crash there is no such marker.
+//!   `tests/corruption.rs` measures all of this.
+//!
+//! # Storage failures
+//!
+//! After one failed write (a full disk), sled refuses every later write of that
+//! database until it is opened again. The writer then holds the batch (no PUBACK for
+//! it, new records are refused meanwhile), reopens the database, and retries with a
+//! growing pause until the write succeeds: once space is back, the held records are
+//! stored and acknowledged and forwarding goes on, without a restart. Removals the
+//! failed database may not have kept are applied again to the reopened one.
+//!
+//! Draining needs disk space too (sled logs removals, and reopening writes a
+//! snapshot). The queue keeps a 2 MiB emergency reserve in `queue.reserve`; at the
+//! first failure it deletes that file, so it can reopen and drain a full disk, and
+//! takes no new records until there is room for the reserve again.
+//!
+//! When the OS reserve (`min_free_disk`) refuses records while sled's file is mostly
+//! freed space (sled does not shrink its file after a drain), the queue rebuilds the
+//! database from a dump of its live records (`store`), which gives the space back.
 //!
 //! # Layout
 //!
 //! - `record`: the versioned on-disk format.
 //! - `ledger`: bytes per device, caps, admission.
+//! - `store`: the sled database, reopening and rebuilding it.
 //! - `writer`: the group-commit task.
+//! - `inspect`: `blindgate queue inspect`, offline.
 
+pub mod inspect;
 mod ledger;
 pub mod record;
+mod store;
 mod writer;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use thiserror::Error;
@@ -38,7 +72,29 @@ pub use ledger::{DeviceUsage, Limit};
 pub use record::{Record, RecordId};
 
 use ledger::Ledger;
+use store::Store;
 use writer::WriteRequest;
+
+/// sled's files are about this many times the live records (measured 2.5x after a
+/// fill); used to judge whether a rebuild gives space back.
+const SLED_AMPLIFICATION: u64 = 3;
+/// A rebuild must give back at least this much.
+const REBUILD_MIN_GAIN: u64 = 1 << 20;
+/// A fresh sled database: one 512 KiB segment (and a 62-byte `conf`).
+const FRESH_DB: u64 = 512 << 10;
+/// How often a refusal at the OS reserve may check whether a rebuild is worth it.
+const REBUILD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// Disk space the queue keeps for itself in a file next to the database, released when
+/// the disk is full so sled can still be reopened and the queue drained (removals and
+/// reopening need space too); four sled segments.
+const EMERGENCY_RESERVE: u64 = 2 << 20;
+/// Removals kept for re-applying before the writer is asked to flush them.
+const UNFLUSHED_ACKS_FLUSH: usize = 4096;
+
+/// Maintenance the writer task is asked to do between batches.
+const WANT_REOPEN: u8 = 1;
+const WANT_REBUILD: u8 = 2;
+const WANT_FLUSH: u8 = 4;
 
 /// What to do when a cap is reached (`queue.overflow`: `"refuse"` or `"drop-oldest"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize)]
@@ -109,6 +165,16 @@ pub enum QueueError {
         #[source]
         source: std::io::Error,
     },
+    /// Rebuilding the database (to give space back) failed, or an interrupted rebuild
+    /// could not be finished on open.
+    #[error("cannot rebuild queue {path}")]
+    Rebuild {
+        /// The queue directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why a record was not stored. In every case the device gets no PUBACK.
@@ -118,7 +184,8 @@ pub enum EnqueueError {
     /// A cap is reached and the policy is to refuse.
     #[error("queue full: {} limit reached", .0.as_str())]
     Full(Limit),
-    /// Writing or syncing failed (for example, the disk is full).
+    /// Writing or syncing failed (for example, the disk is full), or the database is
+    /// being reopened or rebuilt.
     #[error("queue write failed")]
     Storage(#[source] Arc<sled::Error>),
     /// The writer's input is full; nothing was taken (only from [`Queue::submit`]).
@@ -156,6 +223,15 @@ pub struct QueueCounters {
     pub quarantined: AtomicU64,
     /// Whole databases moved aside because sled could not open them.
     pub databases_moved_aside: AtomicU64,
+    /// Group commits that failed (each is retried until it succeeds).
+    pub failed_commits: AtomicU64,
+    /// Times the database was opened again after a storage failure.
+    pub reopens: AtomicU64,
+    /// Times the database was rebuilt to give disk space back.
+    pub rebuilds: AtomicU64,
+    /// Records (intact or quarantined) the last clean stop left that the next open did
+    /// not find: lost to damage of sled's files (a lower bound).
+    pub lost_at_open: AtomicU64,
 }
 
 /// A snapshot for metrics, health and `queue inspect`.
@@ -189,11 +265,14 @@ impl PendingWrite {
         self.id
     }
 
-    /// Waits for the group commit that covers this record.
+    /// Waits for the group commit that covers this record. While the storage fails
+    /// (a full disk), the writer keeps the record and retries, so this waits until
+    /// the record is durable or the queue closes.
     ///
     /// # Errors
-    /// [`EnqueueError::Storage`] if writing or syncing failed, [`EnqueueError::Closed`]
-    /// if the writer stopped first. Then the record is not stored.
+    /// [`EnqueueError::Storage`] if the queue closed while writing still failed,
+    /// [`EnqueueError::Closed`] if the writer stopped first. Then the record is not
+    /// stored.
     pub async fn durable(self) -> Result<RecordId, EnqueueError> {
         let result = match self.outcome.await {
             Ok(Ok(())) => return Ok(self.id),
@@ -217,9 +296,29 @@ pub struct Queue {
 
 struct Inner {
     config: QueueConfig,
-    db: sled::Db,
-    records: sled::Tree,
-    quarantine: sled::Tree,
+    /// The open database; `None` while it is being reopened or rebuilt (or could not
+    /// be reopened yet). Only the writer task replaces it.
+    store: RwLock<Option<Arc<Store>>>,
+    /// True while the writer holds a batch it could not write: new records are refused.
+    failing: AtomicBool,
+    /// True after the emergency reserve was released (the disk was full): new records
+    /// are refused until the disk has room for the reserve again.
+    emergency: AtomicBool,
+    /// The last storage error, reported while the database is unavailable.
+    last_error: Mutex<Option<Arc<sled::Error>>>,
+    /// Keys removed (or to be removed) since the last successful flush: applied again to
+    /// a reopened database, which may not have kept them.
+    unflushed_acks: Mutex<Vec<Vec<u8>>>,
+    /// True once `close` wrote the clean-stop marker.
+    marker_written: AtomicBool,
+    /// `WANT_*` bits for the writer task.
+    wanted: AtomicU8,
+    /// Wakes the writer task for maintenance.
+    maintenance: Arc<Notify>,
+    /// When a refusal at the OS reserve last checked whether to rebuild.
+    rebuild_checked: Mutex<Option<Instant>>,
+    /// Repeated storage problems are logged once a minute.
+    log: crate::log_limit::LogLimiter,
     writes: Mutex<Option<mpsc::Sender<WriteRequest>>>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     ledger: Mutex<Ledger>,
@@ -236,38 +335,39 @@ impl Queue {
     /// [`QueueError`] if storage cannot be opened even after moving a damaged one aside.
     pub fn open(config: QueueConfig) -> Result<Self, QueueError> {
         let counters = Arc::new(QueueCounters::default());
-        let db = open_db(&config, &counters)?;
-        let storage = |source| QueueError::Storage {
-            path: config.path.clone(),
-            source: Arc::new(source),
-        };
-        let records = db.open_tree("records").map_err(storage)?;
-        let quarantine = db.open_tree("quarantine").map_err(storage)?;
-        let ledger = recover(&records, &quarantine, &counters).map_err(storage)?;
-        db.flush().map_err(storage)?;
+        let (store, ledger) = Store::open(&config, &counters)?;
+        store::keep_emergency_reserve(&config, EMERGENCY_RESERVE);
 
         // Room for two full batches: one being committed, one gathering.
         let (tx, rx) = mpsc::channel(config.max_batch.max(1) * 2);
+        let maintenance = Arc::new(Notify::new());
         let inner = Arc::new(Inner {
             free_disk: AtomicU64::new(free_disk_bytes(&config.path)),
             config,
-            db: db.clone(),
-            records: records.clone(),
-            quarantine,
+            store: RwLock::new(Some(Arc::new(store))),
+            failing: AtomicBool::new(false),
+            emergency: AtomicBool::new(false),
+            marker_written: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            unflushed_acks: Mutex::new(Vec::new()),
+            wanted: AtomicU8::new(0),
+            maintenance: Arc::clone(&maintenance),
+            rebuild_checked: Mutex::new(None),
+            log: crate::log_limit::LogLimiter::new(Duration::from_secs(60)),
             writes: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
             ledger: Mutex::new(ledger),
             arrived: Notify::new(),
             counters,
         });
-        let weak = Arc::downgrade(&inner);
         let max_batch = inner.config.max_batch.max(1);
-        let task = tokio::spawn(writer::run(db, records, rx, max_batch, move |n| {
-            if let Some(inner) = weak.upgrade() {
-                inner.after_commit(n);
-            }
-        }));
-        *inner.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        let task = tokio::spawn(writer::run(
+            Arc::downgrade(&inner),
+            rx,
+            max_batch,
+            maintenance,
+        ));
+        *lock(&inner.writer) = Some(task);
         Ok(Self { inner })
     }
 
@@ -277,8 +377,8 @@ impl Queue {
     ///
     /// # Errors
     /// [`EnqueueError::Full`] at a cap under the refuse policy (or when the OS reserve is
-    /// reached), [`EnqueueError::Storage`] when writing or syncing failed,
-    /// [`EnqueueError::Closed`] during shutdown. In every case nothing was stored.
+    /// reached), [`EnqueueError::Storage`] while writing fails, [`EnqueueError::Closed`]
+    /// during shutdown. In every case nothing was stored.
     pub async fn enqueue(&self, device_id: &str, payload: Bytes) -> Result<RecordId, EnqueueError> {
         let sender = self.inner.sender().ok_or(EnqueueError::Closed)?;
         let permit = sender.reserve().await.map_err(|_| EnqueueError::Closed)?;
@@ -309,18 +409,31 @@ impl Queue {
         payload: &[u8],
     ) -> Result<PendingWrite, EnqueueError> {
         let inner = &self.inner;
-        let id = RecordId(
-            inner
-                .db
-                .generate_id()
-                .map_err(|e| EnqueueError::Storage(Arc::new(e)))?,
-        );
+        // Held until the request is in the channel: a store replacement (which takes
+        // the write lock) then finds every admitted record in the channel.
+        let slot = read(&inner.store);
+        let store = match slot.as_ref() {
+            Some(store) if !inner.failing.load(Ordering::Acquire) => store,
+            _ => return Err(EnqueueError::Storage(inner.unavailable())),
+        };
+        let id = store.next_id().map_err(|e| {
+            let e = Arc::new(e);
+            inner.write_failed(&e);
+            EnqueueError::Storage(e)
+        })?;
         let key = record::encode_key(device_id, id);
         let value = record::encode_value(&key, now_ms(), payload);
         let size = (key.len() + value.len()) as u64;
-        inner.admit(device_id, size)?;
+        inner.admit(store, device_id, size)?;
         let (reply, outcome) = oneshot::channel();
-        permit.send(WriteRequest { key, value, reply });
+        permit.send(WriteRequest {
+            key,
+            value,
+            device_id: device_id.to_owned(),
+            size,
+            reply,
+        });
+        drop(slot);
         Ok(PendingWrite {
             queue: self.clone(),
             device_id: device_id.to_owned(),
@@ -339,7 +452,7 @@ impl Queue {
     /// Damaged records met on the way are quarantined and skipped.
     ///
     /// # Errors
-    /// [`QueueError::Storage`] if sled fails.
+    /// [`QueueError::Storage`] if sled fails or the database is being replaced.
     pub fn read_device(
         &self,
         device_id: &str,
@@ -347,17 +460,20 @@ impl Queue {
         limit: usize,
     ) -> Result<Vec<Record>, QueueError> {
         let inner = &self.inner;
+        let store = inner
+            .current_store()
+            .ok_or_else(|| inner.storage_error(inner.unavailable()))?;
         let start = record::encode_key(
             device_id,
             RecordId(after.map_or(0, |a| a.0.saturating_add(1))),
         );
         let end = record::encode_key(device_id, RecordId(u64::MAX));
         let mut out = Vec::new();
-        for item in inner.records.range(start..=end) {
-            let (key, value) = item.map_err(|e| inner.storage_error(e))?;
+        for item in store.records.range(start..=end) {
+            let (key, value) = item.map_err(|e| inner.storage_error(Arc::new(e)))?;
             match record::decode(&key, &value) {
                 Ok(record) => out.push(record),
-                Err(_) => inner.quarantine_one(&key, &value),
+                Err(_) => inner.quarantine_one(&store, &key, &value),
             }
             if out.len() >= limit {
                 break;
@@ -367,23 +483,45 @@ impl Queue {
     }
 
     /// Removes a record once the cloud acknowledged it. Returns false if it was already
-    /// gone (acknowledged twice, or dropped by policy meanwhile).
+    /// gone (acknowledged twice, or dropped by policy meanwhile). While the database
+    /// cannot be written (a full disk, or it is being reopened or rebuilt), the removal
+    /// is kept and applied to the reopened database, and this returns true.
     ///
     /// # Errors
-    /// [`QueueError::Storage`] if sled fails.
+    /// None today; the signature keeps room for failures that cannot be deferred.
     pub fn ack(&self, device_id: &str, id: RecordId) -> Result<bool, QueueError> {
         let inner = &self.inner;
         let key = record::encode_key(device_id, id);
-        let removed = inner
-            .records
-            .remove(&key)
-            .map_err(|e| inner.storage_error(e))?;
-        if let Some(value) = &removed {
-            inner
-                .ledger()
-                .release(device_id, (key.len() + value.len()) as u64);
+        let mut acks = lock(&inner.unflushed_acks);
+        // `Some(size)` removed now, `None` already gone, `Err` deferred to a reopen.
+        let removed = match inner
+            .current_store()
+            .map(|store| store.records.remove(&key))
+        {
+            Some(Ok(value)) => Ok(value.map(|v| (key.len() + v.len()) as u64)),
+            Some(Err(err)) => {
+                inner.write_failed(&Arc::new(err));
+                Err(())
+            }
+            None => Err(()),
+        };
+        acks.push(key);
+        let flush = acks.len() >= UNFLUSHED_ACKS_FLUSH;
+        drop(acks);
+        if inner.marker_written.swap(false, Ordering::AcqRel) {
+            store::withdraw_clean_marker(&inner.config);
         }
-        Ok(removed.is_some())
+        if flush {
+            inner.want(WANT_FLUSH);
+        }
+        match removed {
+            Ok(Some(size)) => {
+                inner.ledger().release(device_id, size);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(()) => Ok(true),
+        }
     }
 
     /// Waits until a commit stored new records (returns at once if one happened since
@@ -409,18 +547,23 @@ impl Queue {
             let ledger = inner.ledger();
             (ledger.total(), ledger.devices())
         };
-        let oldest_arrival_ms = devices
-            .iter()
-            .filter_map(|device| inner.oldest_of(device))
-            .filter_map(|(key, value)| record::decode(&key, &value).ok())
-            .map(|record| record.arrival_ms)
-            .min();
+        let store = inner.current_store();
+        let oldest_arrival_ms = store.as_ref().and_then(|store| {
+            devices
+                .iter()
+                .filter_map(|device| oldest_of(store, device))
+                .filter_map(|(key, value)| record::decode(&key, &value).ok())
+                .map(|record| record.arrival_ms)
+                .min()
+        });
         QueueStats {
             total,
             devices: devices.len(),
             oldest_arrival_ms,
-            size_on_disk: inner.db.size_on_disk().unwrap_or(0),
-            quarantine_records: inner.quarantine.len(),
+            size_on_disk: store
+                .as_ref()
+                .map_or(0, |s| s.db.size_on_disk().unwrap_or(0)),
+            quarantine_records: store.as_ref().map_or(0, |s| s.quarantine.len()),
         }
     }
 
@@ -431,56 +574,87 @@ impl Queue {
     /// # Errors
     /// [`QueueError::Storage`] if the final flush fails.
     pub async fn close(&self) -> Result<(), QueueError> {
-        self.inner
-            .writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let task = self
-            .inner
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        lock(&self.inner.writes).take();
+        let task = lock(&self.inner.writer).take();
         if let Some(task) = task {
             // A panicked writer has nothing left to finish; the flush below still runs.
             let _ = task.await;
         }
-        self.flush().await
+        self.flush().await?;
+        // What a clean stop leaves, for the next open to check (an ack after this
+        // withdraws it).
+        if let Some(store) = self.inner.current_store() {
+            let records = self.inner.ledger().total().records;
+            if store::write_clean_marker(&self.inner.config, records, store.quarantine.len() as u64)
+            {
+                self.inner.marker_written.store(true, Ordering::Release);
+            }
+        }
+        Ok(())
     }
 
     /// Flushes everything (including removals) to disk.
     ///
     /// # Errors
-    /// [`QueueError::Storage`] if sled fails.
+    /// [`QueueError::Storage`] if sled fails or the database is being replaced.
     pub async fn flush(&self) -> Result<(), QueueError> {
-        self.inner
-            .db
-            .flush_async()
-            .await
-            .map(drop)
-            .map_err(|e| self.inner.storage_error(e))
+        self.inner.flush().await
     }
 }
 
 impl Inner {
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
         // The ledger holds plain counters; a panic elsewhere cannot leave it torn.
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.ledger)
     }
 
     fn sender(&self) -> Option<mpsc::Sender<WriteRequest>> {
-        self.writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.writes).clone()
     }
 
-    fn storage_error(&self, source: sled::Error) -> QueueError {
+    fn current_store(&self) -> Option<Arc<Store>> {
+        read(&self.store).clone()
+    }
+
+    fn storage_error(&self, source: Arc<sled::Error>) -> QueueError {
         QueueError::Storage {
             path: self.config.path.clone(),
-            source: Arc::new(source),
+            source,
         }
+    }
+
+    /// The error to report while the database cannot take writes.
+    fn unavailable(&self) -> Arc<sled::Error> {
+        lock(&self.last_error).clone().unwrap_or_else(|| {
+            Arc::new(sled::Error::Io(std::io::Error::other(
+                "queue storage is being reopened or rebuilt",
+            )))
+        })
+    }
+
+    /// A write or removal failed: sled refuses all further writes of this database, so
+    /// the writer is asked to reopen it.
+    fn write_failed(&self, error: &Arc<sled::Error>) {
+        *lock(&self.last_error) = Some(Arc::clone(error));
+        self.want(WANT_REOPEN);
+    }
+
+    /// The disk is full: gives the emergency reserve back to the filesystem (once) so
+    /// that the database can be reopened and drained, and refuses new records until
+    /// there is room for the reserve again.
+    fn release_emergency_reserve(&self) {
+        if store::release_emergency_reserve(&self.config) {
+            self.emergency.store(true, Ordering::Release);
+            tracing::warn!(
+                bytes = EMERGENCY_RESERVE,
+                "the disk is full: released the queue's emergency reserve so it can keep draining; new records are refused until there is room again"
+            );
+        }
+    }
+
+    fn want(&self, what: u8) {
+        self.wanted.fetch_or(what, Ordering::AcqRel);
+        self.maintenance.notify_one();
     }
 
     fn after_commit(&self, records: usize) {
@@ -493,13 +667,87 @@ impl Inner {
         self.arrived.notify_one();
     }
 
+    /// Flushes the current database; removals recorded before it are then durable.
+    async fn flush(&self) -> Result<(), QueueError> {
+        let store = self
+            .current_store()
+            .ok_or_else(|| self.storage_error(self.unavailable()))?;
+        let covered = self.take_unflushed_acks();
+        match store.db.flush_async().await {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                self.restore_unflushed_acks(covered);
+                let err = Arc::new(err);
+                self.write_failed(&err);
+                Err(self.storage_error(err))
+            }
+        }
+    }
+
+    /// Removals the next flush will cover (it starts after they were applied).
+    fn take_unflushed_acks(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *lock(&self.unflushed_acks))
+    }
+
+    /// Removals a failed flush did not cover.
+    fn restore_unflushed_acks(&self, mut covered: Vec<Vec<u8>>) {
+        if covered.is_empty() {
+            return;
+        }
+        let mut acks = lock(&self.unflushed_acks);
+        covered.append(&mut acks);
+        *acks = covered;
+    }
+
+    /// Installs a freshly opened database: counts the records admitted but not yet
+    /// written (`pending`), re-applies removals the old database may not have kept,
+    /// and lets readers and writers use it.
+    fn install(&self, store: Store, mut ledger: Ledger, pending: &[WriteRequest]) {
+        for request in pending {
+            // A record whose write reached the disk before the failure is counted once.
+            if !store.records.contains_key(&request.key).unwrap_or(false) {
+                ledger.add(&request.device_id, request.size);
+            }
+        }
+        // Holding the removals' lock: an ack now waits and then sees the new database.
+        let acks = lock(&self.unflushed_acks);
+        for key in acks.iter() {
+            if let Ok(Some(value)) = store.records.remove(key)
+                && let Ok((device, _)) = record::decode_key(key)
+            {
+                ledger.release(device, (key.len() + value.len()) as u64);
+            }
+        }
+        *self.ledger() = ledger;
+        *write(&self.store) = Some(Arc::new(store));
+        drop(acks);
+        self.free_disk
+            .store(free_disk_bytes(&self.config.path), Ordering::Relaxed);
+        // The uplink reads again: records may have come back.
+        self.arrived.notify_one();
+    }
+
     /// Reserves room for a record, dropping oldest records first if the policy says so.
-    fn admit(&self, device_id: &str, size: u64) -> Result<(), EnqueueError> {
+    fn admit(&self, store: &Store, device_id: &str, size: u64) -> Result<(), EnqueueError> {
+        if self.emergency.load(Ordering::Acquire) {
+            let free = free_disk_bytes(&self.config.path);
+            self.free_disk.store(free, Ordering::Relaxed);
+            let needed = self.config.min_free_disk.saturating_add(EMERGENCY_RESERVE);
+            if free < needed || !store::keep_emergency_reserve(&self.config, EMERGENCY_RESERVE) {
+                self.consider_rebuild(store, free);
+                return Err(EnqueueError::Full(Limit::DiskReserve));
+            }
+            self.emergency.store(false, Ordering::Release);
+            tracing::info!(
+                "the disk has room again; the queue's emergency reserve is back and new records are taken"
+            );
+        }
         if self.free_disk.load(Ordering::Relaxed) < self.config.min_free_disk {
             // Re-read: space may have come back since the last commit.
             let free = free_disk_bytes(&self.config.path);
             self.free_disk.store(free, Ordering::Relaxed);
             if free < self.config.min_free_disk {
+                self.consider_rebuild(store, free);
                 return Err(EnqueueError::Full(Limit::DiskReserve));
             }
         }
@@ -519,24 +767,54 @@ impl Inner {
                 Limit::DeviceQuota => Some(device_id.to_owned()),
                 _ => self.ledger().largest_device().map(str::to_owned),
             };
-            let dropped = victim.is_some_and(|victim| self.drop_oldest(&victim, limit));
+            let dropped = victim.is_some_and(|victim| self.drop_oldest(store, &victim, limit));
             if !dropped {
                 return Err(EnqueueError::Full(limit));
             }
         }
     }
 
-    /// The first (oldest) record of a device, as raw key and value.
-    fn oldest_of(&self, device_id: &str) -> Option<(sled::IVec, sled::IVec)> {
-        let prefix = record::device_prefix(device_id);
-        self.records.scan_prefix(&prefix).next()?.ok()
+    /// At the OS reserve: asks for a rebuild if sled's files are mostly freed space
+    /// (after a drain) and the copy fits. Checked at most every few seconds.
+    fn consider_rebuild(&self, store: &Store, free: u64) {
+        {
+            let mut checked = lock(&self.rebuild_checked);
+            if checked.is_some_and(|at| at.elapsed() < REBUILD_CHECK_INTERVAL) {
+                return;
+            }
+            *checked = Some(Instant::now());
+        }
+        let on_disk = store.db.size_on_disk().unwrap_or(0);
+        let live = self.ledger().total().bytes;
+        let rebuilt = live
+            .saturating_mul(SLED_AMPLIFICATION)
+            .saturating_add(FRESH_DB);
+        // The dump needs the live bytes; the fresh database is created once the old
+        // one is deleted.
+        tracing::debug!(
+            on_disk,
+            live,
+            free,
+            "queue at the disk reserve: rebuild worth it?"
+        );
+        if on_disk >= rebuilt.saturating_add(REBUILD_MIN_GAIN)
+            && free > live.saturating_add(64 << 10)
+        {
+            tracing::info!(
+                on_disk,
+                live,
+                free,
+                "queue files are mostly freed space at the disk reserve; rebuilding the queue database"
+            );
+            self.want(WANT_REBUILD);
+        }
     }
 
-    fn drop_oldest(&self, device_id: &str, limit: Limit) -> bool {
-        let Some((key, _)) = self.oldest_of(device_id) else {
+    fn drop_oldest(&self, store: &Store, device_id: &str, limit: Limit) -> bool {
+        let Some((key, _)) = oldest_of(store, device_id) else {
             return false;
         };
-        let Ok(Some(value)) = self.records.remove(&key) else {
+        let Ok(Some(value)) = store.records.remove(&key) else {
             // Acknowledged meanwhile: that made room too.
             return true;
         };
@@ -555,13 +833,25 @@ impl Inner {
         true
     }
 
-    fn quarantine_one(&self, key: &[u8], value: &[u8]) {
-        quarantine_record(&self.records, &self.quarantine, key, value, &self.counters);
+    fn quarantine_one(&self, store: &Store, key: &[u8], value: &[u8]) {
+        quarantine_record(
+            &store.records,
+            &store.quarantine,
+            key,
+            value,
+            &self.counters,
+        );
         if let Ok((device, _)) = record::decode_key(key) {
             self.ledger()
                 .release(device, (key.len() + value.len()) as u64);
         }
     }
+}
+
+/// The first (oldest) record of a device, as raw key and value.
+fn oldest_of(store: &Store, device_id: &str) -> Option<(sled::IVec, sled::IVec)> {
+    let prefix = record::device_prefix(device_id);
+    store.records.scan_prefix(&prefix).next()?.ok()
 }
 
 fn quarantine_record(
@@ -586,89 +876,23 @@ fn quarantine_record(
     }
 }
 
-/// Scans every record: counts the intact ones, quarantines the damaged ones.
-fn recover(
-    records: &sled::Tree,
-    quarantine: &sled::Tree,
-    counters: &QueueCounters,
-) -> Result<Ledger, sled::Error> {
-    let mut ledger = Ledger::default();
-    let mut damaged = Vec::new();
-    for item in records.iter() {
-        let (key, value) = item?;
-        match record::decode(&key, &value) {
-            Ok(record) => ledger.add(&record.device_id, (key.len() + value.len()) as u64),
-            Err(_) => damaged.push((key, value)),
-        }
-    }
-    for (key, value) in damaged {
-        quarantine_record(records, quarantine, &key, &value, counters);
-    }
-    Ok(ledger)
+/// Locks a mutex; its data stays usable after a panic elsewhere (plain values).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn open_db(config: &QueueConfig, counters: &QueueCounters) -> Result<sled::Db, QueueError> {
-    let sled_config = || {
-        sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_size)
-            .flush_every_ms(Some(500))
-    };
-    match open_when_unlocked(&sled_config()) {
-        Ok(db) => Ok(db),
-        Err(sled::Error::Io(err)) => Err(QueueError::Storage {
-            path: config.path.clone(),
-            source: Arc::new(sled::Error::Io(err)),
-        }),
-        Err(err) => {
-            // Corrupt beyond sled's own recovery: keep the gateway running on a fresh
-            // queue and leave the damaged one for offline inspection.
-            let aside = moved_aside_path(&config.path);
-            tracing::error!(error = %err, path = %config.path.display(), aside = %aside.display(), "queue database cannot be opened; moving it aside and starting a new one");
-            std::fs::rename(&config.path, &aside).map_err(|source| QueueError::MoveAside {
-                path: config.path.clone(),
-                source,
-            })?;
-            counters
-                .databases_moved_aside
-                .fetch_add(1, Ordering::Relaxed);
-            sled_config().open().map_err(|source| QueueError::Storage {
-                path: config.path.clone(),
-                source: Arc::new(source),
-            })
-        }
-    }
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Opens the database, waiting (up to 5 s) while sled's file lock is still held by
-/// the handles of a queue of this process that was just closed: sled releases the
-/// lock only when its last background thread drops its handle, which can lag a
-/// close on a loaded machine. Another process holding the lock still fails, later.
-fn open_when_unlocked(config: &sled::Config) -> sled::Result<sled::Db> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match config.open() {
-            Err(sled::Error::Io(err))
-                if err.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            other => return other,
-        }
-    }
-}
-
-fn moved_aside_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".damaged-{}", now_ms() / 1000));
-    path.with_file_name(name)
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Free bytes for unprivileged users on the filesystem holding `path` (or its nearest
 /// existing ancestor). `u64::MAX` if it cannot be read, so a failing statvfs never
 /// stops the queue by itself.
-fn free_disk_bytes(path: &Path) -> u64 {
+fn free_disk_bytes(path: &std::path::Path) -> u64 {
     let existing = path.ancestors().find(|p| p.exists()).unwrap_or(path);
     rustix::fs::statvfs(existing).map_or(u64::MAX, |s| s.f_bavail.saturating_mul(s.f_frsize))
 }

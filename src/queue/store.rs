@@ -1,0 +1,836 @@
+//! The sled database behind the queue, and how it is replaced while the gateway runs.
+//!
+//! - **Reopen.** After one failed write (for example `ENOSPC`), sled 0.34 refuses every
+//!   later write and removal of that `Db` with the same error, for good: its "global
+//!   error" is only reset by opening the database again. So after a storage failure the
+//!   queue drops its handles and opens the directory again; sled's recovery then keeps
+//!   everything that was flushed, as after a crash.
+//! - **Rebuild.** sled does not give space back to the filesystem after a drain (its
+//!   file keeps its size until later writes let it clean and truncate segments). When
+//!   the OS reserve refuses new records while the file is mostly freed space, the queue
+//!   dumps the live records into one flat file (synced, with a checksum), deletes the
+//!   old database and creates a fresh one from the dump. A rebuild a crash interrupted
+//!   is finished from the dump on the next open.
+//! - **Record ids** must keep increasing across both, or a new record could sort before
+//!   (or overwrite) an old one of the same device. A fresh database's id generator
+//!   starts at 0 again, so every database stores an `id_base` in its `meta` tree; a
+//!   record id is `id_base + generate_id()`, and on open the base is raised if a stored
+//!   record already has an id at or above the next one.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::ledger::Ledger;
+use super::record::{self, RecordId};
+use super::{QueueConfig, QueueCounters, QueueError, quarantine_record};
+
+/// The key of the id base in the `meta` tree (u64, big endian).
+const ID_BASE: &[u8] = b"id_base";
+/// How long a reopen waits for the last handles of the old database to be dropped
+/// (sled's directory lock is released then).
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// An open database and its trees.
+pub(super) struct Store {
+    pub(super) db: sled::Db,
+    pub(super) records: sled::Tree,
+    pub(super) quarantine: sled::Tree,
+    id_base: u64,
+}
+
+impl Store {
+    /// Opens the queue directory (finishing an interrupted rebuild first), recovers
+    /// every intact record and quarantines damaged ones.
+    ///
+    /// # Errors
+    /// [`QueueError`] if the directory cannot be opened even after moving a damaged
+    /// database aside.
+    pub(super) fn open(
+        config: &QueueConfig,
+        counters: &QueueCounters,
+    ) -> Result<(Self, Ledger), QueueError> {
+        finish_interrupted_rebuild(config).map_err(|source| QueueError::Rebuild {
+            path: config.path.clone(),
+            source,
+        })?;
+        let expected = take_clean_marker(config);
+        let (store, ledger) = Self::open_recovered(config, counters)?;
+        if let Some(expected) = expected {
+            let found = ledger.total().records + store.quarantine.len() as u64;
+            if found < expected {
+                let lost = expected - found;
+                counters
+                    .lost_at_open
+                    .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    lost,
+                    expected,
+                    found,
+                    "records the last clean stop left in the queue are gone: sled could not read past damage in its files"
+                );
+            }
+        }
+        Ok((store, ledger))
+    }
+
+    fn open_recovered(
+        config: &QueueConfig,
+        counters: &QueueCounters,
+    ) -> Result<(Self, Ledger), QueueError> {
+        let db = open_db(config, counters)?;
+        let storage = |source| QueueError::Storage {
+            path: config.path.clone(),
+            source: Arc::new(source),
+        };
+        // Reading damaged pages may panic inside sled: treated like a read error.
+        let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::recover(db.clone(), counters)
+        }))
+        .unwrap_or_else(|_| Err(sled::Error::ReportableBug("sled panicked reading".into())));
+        match recovered {
+            Ok(opened) => Ok(opened),
+            Err(sled::Error::Io(err)) => Err(storage(sled::Error::Io(err))),
+            // sled opened it but cannot read some of its pages: keep what it can read.
+            Err(err) => {
+                if let Err(failed) = salvage(config, db, &err, counters) {
+                    // Not even that: set it aside whole and start a fresh one.
+                    let cause = std::error::Error::source(&failed).map(ToString::to_string);
+                    tracing::error!(error = %failed, cause, "cannot keep what is readable of the queue database; setting it aside whole");
+                    if config.path.exists() {
+                        let aside = damaged_aside_path(&config.path);
+                        fs::rename(&config.path, &aside).map_err(|source| {
+                            QueueError::MoveAside {
+                                path: config.path.clone(),
+                                source,
+                            }
+                        })?;
+                        counters
+                            .databases_moved_aside
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let _ = fs::remove_file(rebuild_path(&config.path));
+                }
+                let db = open_db(config, counters)?;
+                Self::recover(db, counters).map_err(storage)
+            }
+        }
+    }
+
+    /// Like [`Store::open`], but retries for a while when the directory is still locked
+    /// by handles of the database being replaced. Blocking.
+    pub(super) fn reopen(
+        config: &QueueConfig,
+        counters: &QueueCounters,
+    ) -> Result<(Self, Ledger), QueueError> {
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            match Self::open(config, counters) {
+                Err(QueueError::Storage { source, .. })
+                    if is_lock_conflict(&source) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn recover(db: sled::Db, counters: &QueueCounters) -> sled::Result<(Self, Ledger)> {
+        let records = db.open_tree("records")?;
+        let quarantine = db.open_tree("quarantine")?;
+        let meta = db.open_tree("meta")?;
+        let (ledger, max_id) = recover(&records, &quarantine, counters)?;
+        let stored_base = meta
+            .get(ID_BASE)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        // The next id must be above every stored one (a lost or damaged base, or ids
+        // from a generator that was reset, would otherwise collide).
+        let probe = db.generate_id()?;
+        let mut id_base = stored_base;
+        if let Some(max_id) = max_id
+            && stored_base.saturating_add(probe) <= max_id
+        {
+            id_base = max_id.saturating_add(1).saturating_sub(probe);
+            meta.insert(ID_BASE, &id_base.to_be_bytes())?;
+            tracing::warn!(
+                stored_base,
+                id_base,
+                "queue id base raised above the highest stored record id"
+            );
+        }
+        db.flush()?;
+        let store = Self {
+            db,
+            records,
+            quarantine,
+            id_base,
+        };
+        Ok((store, ledger))
+    }
+
+    /// A new record id, above every id this queue gave before.
+    pub(super) fn next_id(&self) -> sled::Result<RecordId> {
+        Ok(RecordId(
+            self.id_base.saturating_add(self.db.generate_id()?),
+        ))
+    }
+}
+
+/// True if opening failed only because the directory is still locked.
+fn is_lock_conflict(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"))
+}
+
+/// Scans every record: counts the intact ones, quarantines the damaged ones. Also
+/// returns the highest record id found in either tree.
+fn recover(
+    records: &sled::Tree,
+    quarantine: &sled::Tree,
+    counters: &QueueCounters,
+) -> sled::Result<(Ledger, Option<u64>)> {
+    let mut ledger = Ledger::default();
+    let mut damaged = Vec::new();
+    let mut max_id = None;
+    let mut see = |key: &[u8]| {
+        if let Ok((_, id)) = record::decode_key(key) {
+            max_id = max_id.max(Some(id.0));
+        }
+    };
+    for item in records.iter() {
+        let (key, value) = item?;
+        see(&key);
+        match record::decode(&key, &value) {
+            Ok(record) => ledger.add(&record.device_id, (key.len() + value.len()) as u64),
+            Err(_) => damaged.push((key, value)),
+        }
+    }
+    for item in quarantine.iter() {
+        let (key, _) = item?;
+        see(&key);
+    }
+    for (key, value) in damaged {
+        quarantine_record(records, quarantine, &key, &value, counters);
+    }
+    Ok((ledger, max_id))
+}
+
+fn sled_config(config: &QueueConfig, path: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(config.cache_size)
+        .flush_every_ms(Some(500))
+}
+
+/// Opens the database with sled, which recovers it from its log. If sled refuses it
+/// (not for an I/O error), retries once with sled's small `conf` file set aside (sled
+/// writes a fresh one; the queue always uses sled's default settings), then sets the
+/// whole database aside and starts a fresh one.
+fn open_db(config: &QueueConfig, counters: &QueueCounters) -> Result<sled::Db, QueueError> {
+    let path = &config.path;
+    let storage = |source| QueueError::Storage {
+        path: path.clone(),
+        source: Arc::new(source),
+    };
+    // sled's recovery reads bytes from disk; a panic on some damage would otherwise
+    // take the gateway down at every start.
+    let attempt = || match std::panic::catch_unwind(|| sled_config(config, path).open()) {
+        Ok(Ok(db)) => Ok(Ok(db)),
+        Ok(Err(sled::Error::Io(err))) => Err(storage(sled::Error::Io(err))),
+        Ok(Err(err)) => Ok(Err(err.to_string())),
+        Err(_) => Ok(Err("sled panicked while opening it".to_owned())),
+    };
+    let mut err = match attempt()? {
+        Ok(db) => return Ok(db),
+        Err(err) => err,
+    };
+    let conf = path.join("conf");
+    let conf_aside = path.join(format!("conf.damaged-{}", crate::clock::now_ms() / 1000));
+    if conf.is_file() && fs::rename(&conf, &conf_aside).is_ok() {
+        match attempt()? {
+            Ok(db) => {
+                tracing::warn!(error = %err, aside = %conf_aside.display(), "the queue's sled conf file was damaged; set it aside and wrote a new one");
+                return Ok(db);
+            }
+            Err(again) => {
+                let _ = fs::remove_file(&conf);
+                let _ = fs::rename(&conf_aside, &conf);
+                err = again;
+            }
+        }
+    }
+    // sled's snapshot (written at every open) points into the log; damage there makes
+    // sled refuse the database. Without it sled replays its whole log instead. A copy
+    // of the damaged database is kept for offline inspection (`blindgate queue inspect`).
+    let aside = damaged_aside_path(path);
+    let copied = copy_dir(path, &aside);
+    if copied.is_ok() {
+        counters
+            .databases_moved_aside
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let snapshots = fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("snap."));
+        for snapshot in snapshots {
+            let _ = fs::remove_file(snapshot.path());
+        }
+        match attempt()? {
+            Ok(db) => {
+                tracing::error!(error = %err, aside = %aside.display(), "queue database could not be opened; recovered it from its log without sled's snapshot (a copy of the damaged one is kept)");
+                return Ok(db);
+            }
+            Err(again) => err = again,
+        }
+        // The copy is the damaged database; start a fresh one.
+        fs::remove_dir_all(path).map_err(|source| QueueError::MoveAside {
+            path: path.clone(),
+            source,
+        })?;
+    } else {
+        let _ = fs::remove_dir_all(&aside);
+        fs::rename(path, &aside).map_err(|source| QueueError::MoveAside {
+            path: path.clone(),
+            source,
+        })?;
+        counters
+            .databases_moved_aside
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    // Corrupt beyond sled's own recovery: keep the gateway running on a fresh queue.
+    tracing::error!(error = %err, path = %path.display(), aside = %aside.display(), "queue database cannot be opened; set it aside and started a new one");
+    sled_config(config, path).open().map_err(storage)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    fs::DirBuilder::new().mode(0o700).create(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// `queue` → `queue.<suffix>`, in the same directory.
+pub(super) fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".");
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// A new name for a damaged database kept for inspection: `queue.damaged-<unix
+/// time>`, with `-2`, `-3`, ... if that exists already.
+fn damaged_aside_path(path: &Path) -> PathBuf {
+    let base = format!("damaged-{}", crate::clock::now_ms() / 1000);
+    let mut candidate = sibling(path, &base);
+    let mut n = 2;
+    while candidate.exists() {
+        candidate = sibling(path, &format!("{base}-{n}"));
+        n += 1;
+    }
+    candidate
+}
+
+/// The file a clean stop writes: how many records (intact, quarantined) it left.
+pub(crate) fn clean_marker_path(path: &Path) -> PathBuf {
+    sibling(path, "clean")
+}
+
+/// Writes the clean-stop marker (synced); false if it could not be written.
+pub(super) fn write_clean_marker(config: &QueueConfig, records: u64, quarantined: u64) -> bool {
+    let path = clean_marker_path(&config.path);
+    let written = fs::write(
+        &path,
+        format!("records {records}\nquarantined {quarantined}\n"),
+    )
+    .and_then(|()| fs::File::open(&path)?.sync_all())
+    .and_then(|()| sync_parent(&path));
+    written.is_ok()
+}
+
+/// Deletes the clean-stop marker (the queue changed after it was written).
+pub(super) fn withdraw_clean_marker(config: &QueueConfig) {
+    let _ = fs::remove_file(clean_marker_path(&config.path));
+}
+
+/// Reads and deletes the clean-stop marker: the total it names, if there was one.
+/// Deleted before the database is touched, so a crash later never leaves a stale one.
+fn take_clean_marker(config: &QueueConfig) -> Option<u64> {
+    let path = clean_marker_path(&config.path);
+    let text = fs::read_to_string(&path).ok()?;
+    fs::remove_file(&path).ok()?;
+    let _ = sync_parent(&path);
+    let number = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    Some(number("records ")? + number("quarantined ")?)
+}
+
+/// Where a rebuild dumps the live data before the old database is deleted.
+pub(crate) fn rebuild_path(path: &Path) -> PathBuf {
+    sibling(path, "rebuild")
+}
+
+/// The file holding the queue's emergency reserve of disk space.
+pub(crate) fn emergency_reserve_path(path: &Path) -> PathBuf {
+    sibling(path, "reserve")
+}
+
+/// Makes sure the emergency reserve file exists with `size` bytes really allocated
+/// (zeros written, synced). False if it could not be written (no room).
+pub(super) fn keep_emergency_reserve(config: &QueueConfig, size: u64) -> bool {
+    use std::io::Write as _;
+    let file = emergency_reserve_path(&config.path);
+    if fs::metadata(&file).is_ok_and(|m| m.len() == size) {
+        return true;
+    }
+    let written = (|| -> std::io::Result<()> {
+        let mut out = fs::File::create(&file)?;
+        let zeros = vec![0u8; 64 << 10];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            out.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        out.sync_all()
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&file);
+    }
+    written.is_ok()
+}
+
+/// Deletes the emergency reserve file; true if there was one.
+pub(super) fn release_emergency_reserve(config: &QueueConfig) -> bool {
+    fs::remove_file(emergency_reserve_path(&config.path)).is_ok()
+}
+
+/// Where the old database is moved just before it is deleted.
+pub(crate) fn replaced_path(path: &Path) -> PathBuf {
+    sibling(path, "replaced")
+}
+
+/// Completes a rebuild a crash interrupted. The dump is written and synced before the
+/// old database is touched, and deleted only after the new one is flushed, so: a
+/// complete dump means "(re)create the database from it"; an incomplete one means the
+/// old database was never touched.
+fn finish_interrupted_rebuild(config: &QueueConfig) -> std::io::Result<()> {
+    let path = &config.path;
+    let dump = rebuild_path(path);
+    if dump.exists() {
+        if Dump::is_complete(&dump)? {
+            tracing::warn!(path = %path.display(), "finishing an interrupted queue rebuild");
+            restore(config, &dump)?;
+        } else {
+            fs::remove_file(&dump)?;
+            sync_parent(path)?;
+        }
+    }
+    let replaced = replaced_path(path);
+    if replaced.exists() {
+        fs::remove_dir_all(&replaced)?;
+    }
+    Ok(())
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => fs::File::open(parent)?.sync_all(),
+        _ => Ok(()),
+    }
+}
+
+/// Why a rebuild failed, with the old store if it had not been touched yet.
+pub(super) type RebuildFailed = (Option<Arc<Store>>, QueueError);
+
+/// Rebuilds the database to give disk space back: dumps the live records, the
+/// quarantine and the next id base into one flat file next to the queue (it needs only
+/// the live bytes, which matters on a full disk), deletes the old database, creates a
+/// fresh one from the dump and opens it. Blocking. On failure before the old database
+/// is deleted it is handed back untouched; after that, `None`: the caller reopens (and
+/// the next open finishes the rebuild from the dump).
+pub(super) fn rebuild(
+    config: &QueueConfig,
+    old: Arc<Store>,
+    counters: &QueueCounters,
+) -> Result<(Store, Ledger), RebuildFailed> {
+    let path = &config.path;
+    let dump = rebuild_path(path);
+    let failed = |source: std::io::Error| QueueError::Rebuild {
+        path: path.clone(),
+        source,
+    };
+    let written = old
+        .next_id()
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|next| Dump::write(&old.db, next.0, &dump, false));
+    if let Err(err) = written {
+        let _ = fs::remove_file(&dump);
+        return Err((Some(old), failed(err)));
+    }
+    // Every handle to the old database must be gone first (other tasks hold one only
+    // for the length of a call), so that nothing writes to it afterwards.
+    let deadline = Instant::now() + LOCK_WAIT;
+    let mut old = old;
+    loop {
+        match Arc::try_unwrap(old) {
+            Ok(store) => {
+                drop(store);
+                break;
+            }
+            Err(shared) if Instant::now() < deadline => {
+                old = shared;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(shared) => {
+                let _ = fs::remove_file(&dump);
+                let err = std::io::Error::other("the old queue database stayed in use");
+                return Err((Some(shared), failed(err)));
+            }
+        }
+    }
+    if let Err(err) = restore(config, &dump) {
+        return Err((None, failed(err)));
+    }
+    Store::reopen(config, counters).map_err(|err| (None, err))
+}
+
+/// A database sled opened but cannot fully read (a page failing its checksum): dumps
+/// every record it can read, sets the damaged directory aside (for `queue inspect`)
+/// and creates a fresh database from the dump. Blocking. A crash in between is
+/// finished from the dump on the next open.
+fn salvage(
+    config: &QueueConfig,
+    db: sled::Db,
+    error: &sled::Error,
+    counters: &QueueCounters,
+) -> Result<(), QueueError> {
+    let path = &config.path;
+    let failed = |source: std::io::Error| QueueError::Rebuild {
+        path: path.clone(),
+        source,
+    };
+    tracing::error!(error = %error, path = %path.display(), "queue database has unreadable parts; keeping what can be read and setting it aside");
+    let dump = rebuild_path(path);
+    let base = db
+        .open_tree("meta")
+        .ok()
+        .and_then(|meta| meta.get(ID_BASE).ok().flatten())
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes);
+    let next_id = db
+        .generate_id()
+        .map_err(|e| failed(std::io::Error::other(e.to_string())))?
+        .saturating_add(base);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Dump::write(&db, next_id, &dump, true)
+    }))
+    .unwrap_or_else(|_| Err(std::io::Error::other("sled panicked reading")))
+    .map_err(failed)?;
+    drop(db);
+    let aside = damaged_aside_path(path);
+    fs::rename(path, &aside).map_err(|source| QueueError::MoveAside {
+        path: path.clone(),
+        source,
+    })?;
+    counters
+        .databases_moved_aside
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    restore(config, &dump).map_err(failed)
+}
+
+/// Replaces the database at `config.path` with one made from `dump`, then deletes the
+/// dump. Blocking; safe to repeat after a crash at any point.
+fn restore(config: &QueueConfig, dump: &Path) -> std::io::Result<()> {
+    let path = &config.path;
+    let io = |e: sled::Error| std::io::Error::other(e.to_string());
+    if path.exists() {
+        let replaced = replaced_path(path);
+        if replaced.exists() {
+            fs::remove_dir_all(&replaced)?;
+        }
+        fs::rename(path, &replaced)?;
+        fs::remove_dir_all(&replaced)?;
+    }
+    {
+        let db = sled_config(config, path).open().map_err(io)?;
+        Dump::read_into(dump, &db)?;
+        db.flush().map_err(io)?;
+    }
+    fs::File::open(path)?.sync_all()?;
+    sync_parent(path)?;
+    fs::remove_file(dump)?;
+    sync_parent(path)
+}
+
+/// The flat file of a rebuild: `MAGIC`, the id base (u64 BE), entries `[tree u8][key
+/// len u32 BE][key][value len u32 BE][value]`, then `[END][entries u64 BE][CRC-32 of
+/// everything before]`.
+struct Dump;
+
+impl Dump {
+    const MAGIC: &'static [u8] = b"blindgate queue rebuild 1\n";
+    const END: u8 = 0xFF;
+    const TREES: [&'static str; 2] = ["records", "quarantine"];
+
+    /// Dumps the trees of `db` with `next_id` as the new id base. `tolerant`: read
+    /// around pages sled cannot read (forwards up to the first one, then backwards up to
+    /// the last one) instead of failing; returns how many trees had unreadable parts.
+    fn write(db: &sled::Db, next_id: u64, dump: &Path, tolerant: bool) -> std::io::Result<u64> {
+        use std::io::Write as _;
+        let io = |e: sled::Error| std::io::Error::other(e.to_string());
+        let file = fs::File::create(dump)?;
+        let mut out = Crc32Writer::new(std::io::BufWriter::new(file));
+        out.write_all(Self::MAGIC)?;
+        out.write_all(&next_id.to_be_bytes())?;
+        let mut entries = 0u64;
+        let mut unreadable = 0;
+        for (index, name) in (0u8..).zip(Self::TREES) {
+            let tree = db.open_tree(name).map_err(io)?;
+            let mut put = |key: &[u8], value: &[u8]| -> std::io::Result<()> {
+                out.write_all(&[index])?;
+                for part in [key, value] {
+                    let len = u32::try_from(part.len()).map_err(std::io::Error::other)?;
+                    out.write_all(&len.to_be_bytes())?;
+                    out.write_all(part)?;
+                }
+                entries += 1;
+                Ok(())
+            };
+            let mut last_forward: Option<sled::IVec> = None;
+            let mut failed = false;
+            for item in tree.iter() {
+                match item {
+                    Ok((key, value)) => {
+                        put(&key, &value)?;
+                        last_forward = Some(key);
+                    }
+                    Err(err) if tolerant => {
+                        tracing::error!(tree = name, error = %err, "unreadable part of the queue database; reading on from its end");
+                        failed = true;
+                        break;
+                    }
+                    Err(err) => return Err(io(err)),
+                }
+            }
+            if failed {
+                unreadable += 1;
+                for item in tree.iter().rev() {
+                    let Ok((key, value)) = item else { break };
+                    if last_forward.as_ref().is_some_and(|last| key <= *last) {
+                        break;
+                    }
+                    put(&key, &value)?;
+                }
+            }
+        }
+        out.write_all(&[Self::END])?;
+        out.write_all(&entries.to_be_bytes())?;
+        let crc = out.crc();
+        let mut inner = out.into_inner();
+        inner.write_all(&crc.to_be_bytes())?;
+        let file = inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        sync_parent(dump)?;
+        Ok(unreadable)
+    }
+
+    /// True if the dump ends with a matching checksum.
+    fn is_complete(dump: &Path) -> std::io::Result<bool> {
+        let bytes = fs::read(dump)?;
+        let Some((body, crc)) = bytes.split_last_chunk::<4>() else {
+            return Ok(false);
+        };
+        Ok(bytes.starts_with(Self::MAGIC)
+            && crc32fast::hash(body) == u32::from_be_bytes(*crc)
+            && body.len() >= 9
+            && body[body.len() - 9] == Self::END)
+    }
+
+    fn read_into(dump: &Path, db: &sled::Db) -> std::io::Result<()> {
+        let io = |e: sled::Error| std::io::Error::other(e.to_string());
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad rebuild dump");
+        if !Self::is_complete(dump)? {
+            return Err(bad());
+        }
+        let bytes = fs::read(dump)?;
+        let mut rest = bytes.get(Self::MAGIC.len()..).ok_or_else(bad)?;
+        let mut take = |n: usize| -> std::io::Result<&[u8]> {
+            let (head, tail) = rest.split_at_checked(n).ok_or_else(bad)?;
+            rest = tail;
+            Ok(head)
+        };
+        let id_base = take(8)?;
+        let meta = db.open_tree("meta").map_err(io)?;
+        meta.insert(ID_BASE, id_base).map_err(io)?;
+        let trees = Self::TREES.map(|name| db.open_tree(name));
+        loop {
+            let tree = take(1)?[0];
+            if tree == Self::END {
+                return Ok(());
+            }
+            let mut part = || -> std::io::Result<Vec<u8>> {
+                let len = u32::from_be_bytes(take(4)?.try_into().map_err(|_| bad())?);
+                Ok(take(len as usize)?.to_vec())
+            };
+            let (key, value) = (part()?, part()?);
+            let tree = trees
+                .get(usize::from(tree))
+                .ok_or_else(bad)?
+                .as_ref()
+                .map_err(|e| io(e.clone()))?;
+            tree.insert(key, value).map_err(io)?;
+        }
+    }
+}
+
+/// A writer that keeps the CRC-32 of everything written through it.
+struct Crc32Writer<W> {
+    inner: W,
+    hasher: crc32fast::Hasher,
+}
+
+impl<W: std::io::Write> Crc32Writer<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: crc32fast::Hasher::new(),
+        }
+    }
+
+    fn crc(&self) -> u32 {
+        self.hasher.clone().finalize()
+    }
+
+    fn into_inner(self) -> W {
+        self.inner
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Crc32Writer<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::unwrap_used, reason = "test")]
+    fn filled(dir: &Path) -> (QueueConfig, QueueCounters, Store, u64) {
+        let mut config = QueueConfig::new(dir.join("queue"));
+        config.min_free_disk = 0;
+        let counters = QueueCounters::default();
+        let (store, _) = Store::open(&config, &counters).unwrap();
+        let mut max = 0;
+        for n in 0..50u8 {
+            let id = store.next_id().unwrap();
+            max = id.0;
+            let key = record::encode_key(if n % 2 == 0 { "a" } else { "b" }, id);
+            store
+                .records
+                .insert(&key, record::encode_value(&key, 7, &[n; 40]))
+                .unwrap();
+        }
+        store.quarantine.insert(b"\x01zjunk", &b"bad"[..]).unwrap();
+        store.db.flush().unwrap();
+        (config, counters, store, max)
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used, reason = "test")]
+    fn an_interrupted_rebuild_is_finished_or_undone_at_every_step() {
+        for step in 0..6 {
+            let dir = tempfile::tempdir().unwrap();
+            let (config, counters, store, max) = filled(dir.path());
+            let dump = rebuild_path(&config.path);
+            let next = store.next_id().unwrap().0;
+            Dump::write(&store.db, next, &dump, false).unwrap();
+            drop(store);
+            match step {
+                // Crash right after the dump: the old database is still there.
+                0 => {}
+                // Crash while writing the dump: it is incomplete.
+                1 => {
+                    let bytes = fs::read(&dump).unwrap();
+                    fs::write(&dump, &bytes[..bytes.len() - 3]).unwrap();
+                }
+                // Crash between renaming the old database and deleting it.
+                2 => fs::rename(&config.path, replaced_path(&config.path)).unwrap(),
+                // Crash after deleting it.
+                3 => fs::remove_dir_all(&config.path).unwrap(),
+                // Crash while importing: a fresh database with part of the data.
+                4 => {
+                    fs::remove_dir_all(&config.path).unwrap();
+                    let db = sled_config(&config, &config.path).open().unwrap();
+                    db.open_tree("records").unwrap().insert(b"x", b"y").unwrap();
+                    db.flush().unwrap();
+                }
+                // The whole rebuild, then open.
+                _ => fs::remove_file(&dump).unwrap(),
+            }
+            let (store, ledger) = Store::open(&config, &counters).unwrap();
+            assert_eq!(ledger.total().records, 50, "step {step}");
+            assert_eq!(store.records.len(), 50, "step {step}");
+            assert_eq!(store.quarantine.len(), 1, "step {step}");
+            assert!(!dump.exists() && !replaced_path(&config.path).exists());
+            assert!(store.next_id().unwrap().0 > max, "step {step}: ids go on");
+        }
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used, reason = "test")]
+    fn a_rebuild_keeps_every_record_and_the_ids_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, counters, store, max) = filled(dir.path());
+        let before: Vec<_> = store.records.iter().map(Result::unwrap).collect();
+        let (store, ledger) = rebuild(&config, Arc::new(store), &counters)
+            .map_err(|(_, e)| e)
+            .unwrap();
+        let after: Vec<_> = store.records.iter().map(Result::unwrap).collect();
+        assert_eq!(before, after);
+        assert_eq!(ledger.total().records, 50);
+        assert_eq!(store.quarantine.len(), 1);
+        assert!(store.next_id().unwrap().0 > max);
+        assert!(!rebuild_path(&config.path).exists());
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used, reason = "test")]
+    fn a_damaged_conf_file_is_rewritten_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, counters, store, _) = filled(dir.path());
+        drop(store);
+        let conf = config.path.join("conf");
+        let mut bytes = fs::read(&conf).unwrap();
+        bytes.truncate(30);
+        fs::write(&conf, bytes).unwrap();
+        let (store, _) = Store::open(&config, &counters).unwrap();
+        assert_eq!(store.records.len(), 50);
+        assert_eq!(
+            counters
+                .databases_moved_aside
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+}
