@@ -2,10 +2,10 @@
 //!
 //! # Durability
 //!
-//! - [`Queue::enqueue`] returns `Ok` only after the record is in sled and
-//!   `Db::flush_async` covering it returned. sled documents that after a successful flush
-//!   "all previous writes will be recovered if the system crashes". So once a device got
-//!   its PUBACK, a kill -9 or a power cut does not lose the record.
+//! - [`Queue::enqueue`] returns `Ok` only after the record is in sled, a
+//!   `Db::flush_async` covering it returned, and sled's files were `fdatasync`'d
+//!   ([`durable`]: sled's own flush is not enough for a power cut). So once a device
+//!   got its PUBACK, a kill -9 or a power cut does not lose the record.
 //! - [`Queue::ack`] removes a record after the cloud's PUBACK for it, without its own
 //!   flush (sled flushes in the background every 500 ms). A power cut can bring an
 //!   acknowledged record back; it is sent again and the cloud's replay rule drops it.
@@ -53,6 +53,7 @@
 //! - `writer`: the group-commit task.
 //! - `inspect`: `blindgate queue inspect`, offline.
 
+mod durable;
 pub mod inspect;
 mod ledger;
 pub mod record;
@@ -673,7 +674,7 @@ impl Inner {
             .current_store()
             .ok_or_else(|| self.storage_error(self.unavailable()))?;
         let covered = self.take_unflushed_acks();
-        match store.db.flush_async().await {
+        match store.flush_durable().await {
             Ok(_) => Ok(()),
             Err(err) => {
                 self.restore_unflushed_acks(covered);

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::durable::DurableFiles;
 use super::ledger::Ledger;
 use super::record::{self, RecordId};
 use super::{QueueConfig, QueueCounters, QueueError, quarantine_record};
@@ -38,6 +39,8 @@ pub(super) struct Store {
     pub(super) records: sled::Tree,
     pub(super) quarantine: sled::Tree,
     id_base: u64,
+    /// What must be fsync'd after each flush (sled itself does not).
+    files: DurableFiles,
 }
 
 impl Store {
@@ -86,7 +89,7 @@ impl Store {
         };
         // Reading damaged pages may panic inside sled: treated like a read error.
         let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Self::recover(db.clone(), counters)
+            Self::recover(db.clone(), &config.path, counters)
         }))
         .unwrap_or_else(|_| Err(sled::Error::ReportableBug("sled panicked reading".into())));
         match recovered {
@@ -113,7 +116,7 @@ impl Store {
                     let _ = fs::remove_file(rebuild_path(&config.path));
                 }
                 let db = open_db(config, counters)?;
-                Self::recover(db, counters).map_err(storage)
+                Self::recover(db, &config.path, counters).map_err(storage)
             }
         }
     }
@@ -137,7 +140,11 @@ impl Store {
         }
     }
 
-    fn recover(db: sled::Db, counters: &QueueCounters) -> sled::Result<(Self, Ledger)> {
+    fn recover(
+        db: sled::Db,
+        path: &Path,
+        counters: &QueueCounters,
+    ) -> sled::Result<(Self, Ledger)> {
         let records = db.open_tree("records")?;
         let quarantine = db.open_tree("quarantine")?;
         let meta = db.open_tree("meta")?;
@@ -162,13 +169,31 @@ impl Store {
             );
         }
         db.flush()?;
+        let files = DurableFiles::open(path)?;
+        files.sync()?;
         let store = Self {
             db,
             records,
             quarantine,
             id_base,
+            files,
         };
         Ok((store, ledger))
+    }
+
+    /// Flushes sled and then makes what it wrote durable (see [`super::durable`]):
+    /// only after this returned `Ok` may a record be acknowledged. Returns the bytes
+    /// sled flushed.
+    ///
+    /// # Errors
+    /// sled's error, or the OS error of the sync as [`sled::Error::Io`].
+    pub(super) async fn flush_durable(self: &Arc<Self>) -> sled::Result<usize> {
+        let flushed = self.db.flush_async().await?;
+        let store = Arc::clone(self);
+        tokio::task::spawn_blocking(move || store.files.sync())
+            .await
+            .map_err(|join| sled::Error::Io(std::io::Error::other(join.to_string())))??;
+        Ok(flushed)
     }
 
     /// A new record id, above every id this queue gave before.
@@ -568,6 +593,8 @@ fn restore(config: &QueueConfig, dump: &Path) -> std::io::Result<()> {
         let db = sled_config(config, path).open().map_err(io)?;
         Dump::read_into(dump, &db)?;
         db.flush().map_err(io)?;
+        // sled's flush alone is not durable; the dump is deleted below.
+        DurableFiles::open(path)?.sync()?;
     }
     fs::File::open(path)?.sync_all()?;
     sync_parent(path)?;

@@ -180,7 +180,7 @@ async fn pause(delay: Duration, requests: &mpsc::Receiver<WriteRequest>) -> bool
     !requests.is_closed()
 }
 
-async fn commit(store: &Store, batch: &[WriteRequest]) -> WriteResult {
+async fn commit(store: &Arc<Store>, batch: &[WriteRequest]) -> WriteResult {
     let mut inserts = sled::Batch::default();
     for request in batch {
         inserts.insert(request.key.as_slice(), request.value.as_slice());
@@ -188,7 +188,7 @@ async fn commit(store: &Store, batch: &[WriteRequest]) -> WriteResult {
     store.records.apply_batch(inserts).map_err(Arc::new)?;
     // Not durable means not acknowledged. The records may or may not be on disk; the
     // retry writes them again (the same keys), and a reopened database counts each once.
-    store.db.flush_async().await.map_err(Arc::new)?;
+    store.flush_durable().await.map_err(Arc::new)?;
     Ok(())
 }
 
