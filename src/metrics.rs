@@ -101,6 +101,113 @@ impl DownlinkDrop {
     }
 }
 
+/// Why an uplink connection attempt failed or a connection ended, from the error the
+/// connection ended with (see `uplink::failure`). A closed set, registered up front.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UplinkFailure {
+    /// No TCP connection (refused, unreachable, name not resolved), or no CONNACK
+    /// within the connect timeout.
+    Unreachable,
+    /// The broker does not speak TLS 1.3 (it offered or demanded another version).
+    TlsVersion,
+    /// The broker's certificate does not chain to the configured cloud CA (an unknown
+    /// issuer, or one with the CA's name whose signature does not verify).
+    UnknownCa,
+    /// The broker's certificate (or one in its chain) has expired.
+    Expired,
+    /// The broker's certificate (or one in its chain) is not valid yet.
+    NotYetValid,
+    /// The broker's certificate is not valid for the host name dialled.
+    WrongName,
+    /// The broker's public key matches none of the configured pins.
+    PinMismatch,
+    /// The broker refused the gateway's client certificate (a TLS alert about it).
+    ClientCertRejected,
+    /// Any other TLS failure.
+    TlsOther,
+    /// The broker answered CONNECT with a refusal code.
+    Refused,
+    /// The uplink ended the connection itself: an acknowledgement out of step.
+    Protocol,
+    /// An established connection broke (I/O error, keep-alive timeout, closed).
+    Lost,
+}
+
+impl UplinkFailure {
+    /// Every value, for registering label values up front.
+    pub const ALL: [Self; 12] = [
+        Self::Unreachable,
+        Self::TlsVersion,
+        Self::UnknownCa,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::WrongName,
+        Self::PinMismatch,
+        Self::ClientCertRejected,
+        Self::TlsOther,
+        Self::Refused,
+        Self::Protocol,
+        Self::Lost,
+    ];
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unreachable => "unreachable",
+            Self::TlsVersion => "tls_version",
+            Self::UnknownCa => "unknown_ca",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::WrongName => "wrong_name",
+            Self::PinMismatch => "pin_mismatch",
+            Self::ClientCertRejected => "client_cert_rejected",
+            Self::TlsOther => "tls_other",
+            Self::Refused => "refused",
+            Self::Protocol => "protocol",
+            Self::Lost => "lost",
+        }
+    }
+
+    /// What it means, for the log line and the status page.
+    pub const fn explain(self) -> &'static str {
+        match self {
+            Self::Unreachable => "the broker could not be reached or did not answer in time",
+            Self::TlsVersion => "the broker does not offer TLS 1.3",
+            Self::UnknownCa => "the broker's certificate is not issued by the configured cloud CA",
+            Self::Expired => "the broker's certificate has expired",
+            Self::NotYetValid => "the broker's certificate is not valid yet (check the clocks)",
+            Self::WrongName => "the broker's certificate is not valid for the host name dialled",
+            Self::PinMismatch => "the broker's public key matches none of the configured pins",
+            Self::ClientCertRejected => "the broker refused the gateway's client certificate",
+            Self::TlsOther => "the TLS handshake failed",
+            Self::Refused => "the broker refused the MQTT connection",
+            Self::Protocol => "the broker's acknowledgements were out of step",
+            Self::Lost => "the connection was lost",
+        }
+    }
+}
+
+/// Uplink connection failures by reason (`blindgate_uplink_connection_failures_total`).
+#[derive(Clone)]
+pub struct UplinkFailures(IntCounterVec);
+
+impl UplinkFailures {
+    /// Counts one failure.
+    pub fn inc(&self, reason: UplinkFailure) {
+        self.0.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Failures counted for `reason`.
+    pub fn count(&self, reason: UplinkFailure) -> u64 {
+        self.0.with_label_values(&[reason.as_str()]).get()
+    }
+
+    /// Failures of every reason together.
+    pub fn get(&self) -> u64 {
+        UplinkFailure::ALL.iter().map(|r| self.count(*r)).sum()
+    }
+}
+
 /// The gateway's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -144,8 +251,8 @@ pub struct Metrics {
     pub queue_dropped: IntCounterVec,
     /// The queue's byte cap (`queue.max_bytes`).
     pub queue_max_bytes: IntGauge,
-    /// Uplink connection attempts that failed before or during the handshake.
-    pub uplink_connection_failures: IntCounter,
+    /// Uplink connection attempts that failed, and connections lost, by reason.
+    pub uplink_connection_failures: UplinkFailures,
     /// 1 when `/readyz` says ready, else 0 (updated at each scrape).
     pub ready: IntGauge,
     /// notAfter of each certificate in use, by role and position in its file.
@@ -214,6 +321,7 @@ impl Metrics {
         register_process_collector(&registry);
         let reasons: Vec<&str> = Rejection::ALL.iter().map(|r| r.as_str()).collect();
         let drops: Vec<&str> = DownlinkDrop::ALL.iter().map(|d| d.as_str()).collect();
+        let uplink_failures: Vec<&str> = UplinkFailure::ALL.iter().map(|f| f.as_str()).collect();
         Self {
             received: counter(
                 "ingress_received_total",
@@ -279,10 +387,13 @@ impl Metrics {
                 &["device_quota", "queue_bytes"],
             ),
             queue_max_bytes: gauge("queue_max_bytes", "The queue's byte cap (queue.max_bytes)."),
-            uplink_connection_failures: counter(
+            uplink_connection_failures: UplinkFailures(counter_vec(
                 "uplink_connection_failures_total",
-                "Uplink connections that failed or were lost (each is followed by a backoff).",
-            ),
+                "Uplink connection attempts that failed and connections lost, by reason \
+                 (each is followed by a backoff).",
+                "reason",
+                &uplink_failures,
+            )),
             ready: gauge(
                 "ready",
                 "1 when forwarding works (the same verdict as /readyz), else 0.",
@@ -405,5 +516,22 @@ mod tests {
             "blindgate_reloads_total{result=\"rejected\",trigger=\"certificate_files\"} 0"
         ));
         assert!(text.contains("# TYPE process_resident_memory_bytes gauge"));
+        for failure in UplinkFailure::ALL {
+            let series = format!(
+                "blindgate_uplink_connection_failures_total{{reason=\"{}\"}} 0",
+                failure.as_str()
+            );
+            assert!(text.contains(&series), "{series}");
+        }
+        metrics
+            .uplink_connection_failures
+            .inc(UplinkFailure::Expired);
+        assert_eq!(metrics.uplink_connection_failures.get(), 1);
+        assert_eq!(
+            metrics
+                .uplink_connection_failures
+                .count(UplinkFailure::Expired),
+            1
+        );
     }
 }

@@ -23,7 +23,7 @@ use super::{Endpoint, UplinkSettings};
 use crate::clock::now_ms;
 use crate::ingress::DeviceRegistry;
 use crate::ingress::validate::check_downlink;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UplinkFailure};
 use crate::queue::Queue;
 
 /// How a connection ended.
@@ -32,10 +32,14 @@ pub(crate) enum Ended {
     Shutdown,
     /// A reload changed the cloud settings; the connection was closed cleanly.
     Reconfigured,
-    /// The connection failed or was lost; `forwarded` tells whether it got a CONNACK.
+    /// The connection failed or was lost.
     Lost {
-        /// True if the broker accepted the connection before it ended.
+        /// True if the broker accepted the connection (CONNACK) before it ended.
         was_connected: bool,
+        /// Why, from the closed set of the failure metric.
+        failure: UplinkFailure,
+        /// The error itself, for the log (never payload bytes).
+        detail: String,
     },
 }
 
@@ -105,15 +109,26 @@ impl Connection<'_> {
                 event = events.recv() => match event {
                     Some(Ok(event)) => {
                         if let Err(reason) = self.on_event(&client, &mut flight, event).await {
-                            tracing::warn!(endpoint = %self.endpoint, reason, "uplink reconnecting");
-                            break Ended::Lost { was_connected: flight.is_some() };
+                            break Ended::Lost {
+                                was_connected: flight.is_some(),
+                                failure: UplinkFailure::Protocol,
+                                detail: reason.to_owned(),
+                            };
                         }
                     }
                     Some(Err(err)) => {
-                        tracing::warn!(endpoint = %self.endpoint, error = %err, "uplink connection failed");
-                        break Ended::Lost { was_connected: flight.is_some() };
+                        let was_connected = flight.is_some();
+                        break Ended::Lost {
+                            was_connected,
+                            failure: super::failure::classify(&err, was_connected),
+                            detail: err.to_string(),
+                        };
                     }
-                    None => break Ended::Lost { was_connected: flight.is_some() },
+                    None => break Ended::Lost {
+                        was_connected: flight.is_some(),
+                        failure: UplinkFailure::Lost,
+                        detail: "the event loop stopped".to_owned(),
+                    },
                 },
                 () = self.queue.wait_for_records(), if flight.is_some() => {
                     self.fill(&client, &mut flight);

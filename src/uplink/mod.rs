@@ -9,8 +9,10 @@
 //!
 //! - `connection`: one connection's event handling (publish, settle, downlink).
 //! - `flight`: the window of records in flight and the fair, paced choice of the next.
+//! - `failure`: why a connection failed, as a label value of the failure metric.
 
 mod connection;
+mod failure;
 mod flight;
 
 use std::fmt;
@@ -22,6 +24,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::ingress::DeviceRegistry;
+use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::topics::TopicTemplate;
@@ -130,6 +133,9 @@ pub async fn run(
     let mut settings = settings_rx.borrow_and_update().clone();
     let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut current = 0;
+    // Each reason is logged at most once per 10 s (with the count of the others);
+    // every failure is counted in the metric.
+    let log = LogLimiter::new(Duration::from_secs(10));
     loop {
         if settings_rx.has_changed().unwrap_or(false) {
             let next = settings_rx.borrow_and_update().clone();
@@ -152,14 +158,25 @@ pub async fn run(
             metrics: &metrics,
         };
         let ended = connection.run(&shutdown, &control.reconnect).await;
-        if matches!(ended, Ended::Lost { .. }) {
-            metrics.uplink_connection_failures.inc();
+        if let Ended::Lost {
+            failure, detail, ..
+        } = &ended
+        {
+            let endpoint = &settings.endpoints[current];
+            metrics.uplink_connection_failures.inc(*failure);
+            if let Some(suppressed) = log.check(failure.as_str()) {
+                tracing::warn!(
+                    endpoint = %endpoint,
+                    reason = failure.as_str(),
+                    error = %detail,
+                    suppressed,
+                    "uplink connection failed: {}",
+                    failure.explain()
+                );
+            }
             metrics.problems.record(
-                "uplink_lost",
-                format!(
-                    "connection to {} failed or was lost",
-                    settings.endpoints[current]
-                ),
+                failure.as_str(),
+                format!("uplink to {endpoint}: {} ({detail})", failure.explain()),
             );
         }
         match ended {
@@ -170,9 +187,11 @@ pub async fn run(
             }
             Ended::Lost {
                 was_connected: true,
+                ..
             } => backoff.reset(),
             Ended::Lost {
                 was_connected: false,
+                ..
             } => current = (current + 1) % settings.endpoints.len(),
         }
         let delay = backoff.next();
