@@ -62,6 +62,9 @@ use registry::Registry;
 use replay::ReplayStore;
 use sink::{JsonlSink, SinkError};
 
+/// How long a clean stop waits for the last acks and receipts to be written out.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// How the ingest connects and where it keeps things.
 #[derive(Debug, Clone)]
 pub struct CloudSettings {
@@ -381,7 +384,7 @@ impl<'a> Session<'a> {
             tokio::select! {
                 () = shutdown.cancelled() => {
                     let committed = self.flush(&client).await;
-                    let _ = client.try_disconnect();
+                    self.close(&client, &mut events).await;
                     break committed;
                 }
                 event = events.recv() => match event {
@@ -424,6 +427,34 @@ impl<'a> Session<'a> {
         poller.abort();
         self.metrics.subscribed.set(0);
         result.map(|()| connected)
+    }
+
+    /// A clean stop: hands every queued ack and receipt to the event loop, disconnects,
+    /// and lets the event loop write them out (bounded: a dead broker cannot hold the
+    /// stop). Aborting the event loop at once would drop them: the broker would deliver
+    /// those messages again after a restart (answered as duplicates) and the devices
+    /// would miss their receipts.
+    async fn close(
+        &mut self,
+        client: &AsyncClient,
+        events: &mut mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+    ) {
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            loop {
+                self.send_unsent(client);
+                if self.unsent.is_empty() {
+                    break;
+                }
+                // The request channel is full: let the event loop take a turn.
+                match events.recv().await {
+                    Some(Ok(_)) => {}
+                    _ => return,
+                }
+            }
+            let _ = client.try_disconnect();
+            while let Some(Ok(_)) = events.recv().await {}
+        })
+        .await;
     }
 
     /// Commits the batch, then acknowledges it to the broker and sends receipts.
