@@ -208,6 +208,11 @@ impl UplinkFailures {
     }
 }
 
+/// Label values of `blindgate_queue_storage_events_total`, in the order of the
+/// counters `refresh_queue` reads.
+const QUEUE_STORAGE_EVENTS: [&str; 4] =
+    ["failed_commit", "reopen", "rebuild", "database_moved_aside"];
+
 /// The gateway's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -249,6 +254,10 @@ pub struct Metrics {
     pub queue_quarantined: IntCounter,
     /// Records dropped by the drop-oldest policy, by limit.
     pub queue_dropped: IntCounterVec,
+    /// Storage trouble the queue recovered from by itself, by event.
+    pub queue_storage_events: IntCounterVec,
+    /// Records a clean stop left that the next open did not find (damaged files).
+    pub queue_lost_at_open: IntCounter,
     /// The queue's byte cap (`queue.max_bytes`).
     pub queue_max_bytes: IntGauge,
     /// Uplink connection attempts that failed, and connections lost, by reason.
@@ -386,6 +395,20 @@ impl Metrics {
                 "limit",
                 &["device_quota", "queue_bytes"],
             ),
+            queue_storage_events: counter_vec(
+                "queue_storage_events_total",
+                "Storage trouble the queue handled by itself: failed_commit (retried, no \
+                 PUBACK meanwhile), reopen (after a storage error), rebuild (to give disk \
+                 space back), database_moved_aside (sled could not open it; kept as \
+                 queue.damaged-*).",
+                "event",
+                &QUEUE_STORAGE_EVENTS,
+            ),
+            queue_lost_at_open: counter(
+                "queue_lost_at_open_total",
+                "Records the last clean stop left in the queue that the next open did not \
+                 find: lost to damaged files (a lower bound).",
+            ),
             queue_max_bytes: gauge("queue_max_bytes", "The queue's byte cap (queue.max_bytes)."),
             uplink_connection_failures: UplinkFailures(counter_vec(
                 "uplink_connection_failures_total",
@@ -458,6 +481,18 @@ impl Metrics {
             &self.queue_dropped.with_label_values(&["queue_bytes"]),
             &counters.dropped_queue_bytes,
         );
+        catch_up(&self.queue_lost_at_open, &counters.lost_at_open);
+        for (event, value) in QUEUE_STORAGE_EVENTS.iter().zip([
+            &counters.failed_commits,
+            &counters.reopens,
+            &counters.rebuilds,
+            &counters.databases_moved_aside,
+        ]) {
+            catch_up(
+                &self.queue_storage_events.with_label_values(&[event]),
+                value,
+            );
+        }
     }
 
     /// Counts one refusal.
