@@ -637,6 +637,8 @@ impl Inner {
     /// the writer is asked to reopen it.
     fn write_failed(&self, error: &Arc<sled::Error>) {
         *lock(&self.last_error) = Some(Arc::clone(error));
+        // Most likely the disk is full: the reopen and the drain need room.
+        self.release_emergency_reserve();
         self.want(WANT_REOPEN);
     }
 
@@ -787,6 +789,14 @@ impl Inner {
         }
         let on_disk = store.db.size_on_disk().unwrap_or(0);
         let live = self.ledger().total().bytes;
+        let mut free = free;
+        if free <= live.saturating_add(64 << 10) {
+            // A failed sled write can take the last bytes of the disk (sled's own
+            // background flush too, which nobody is told about): the rebuild's dump
+            // needs room, so give the emergency reserve back first.
+            self.release_emergency_reserve();
+            free = free_disk_bytes(&self.config.path);
+        }
         let rebuilt = live
             .saturating_mul(SLED_AMPLIFICATION)
             .saturating_add(FRESH_DB);
