@@ -401,7 +401,7 @@ async fn wrong_subprotocol_path_or_plain_http_is_refused_and_counted() {
     assert_eq!(http_status(path), 404);
     setup.wait_rejected("websocket_handshake", 3).await;
 
-    // Plain HTTP (no upgrade): no 101, the connection is closed, and it is counted.
+    // Plain HTTP (no upgrade): the connection is closed, and it is counted.
     let mut stream = tls_connect(port, Arc::clone(&tls)).await.expect("tls");
     stream
         .write_all(b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -411,8 +411,8 @@ async fn wrong_subprotocol_path_or_plain_http_is_refused_and_counted() {
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
         .await
         .expect("closed within 10 s");
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(!answer.contains(" 101 "), "{answer}");
+    // tungstenite answers a request without the upgrade headers with nothing.
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
     setup.wait_rejected("websocket_handshake", 4).await;
 
     // A text message after a good upgrade and CONNECT: closed, counted as malformed.
