@@ -5,8 +5,9 @@
 //! certificate, a wrong subprotocol, path or plain HTTP, a text message.
 
 mod common;
+#[path = "common/ws_device.rs"]
+mod ws_device;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -18,16 +19,10 @@ use blindgate::pki::DevPki;
 use bytes::BytesMut;
 use common::cloud_subscriber::CloudSubscriber;
 use common::mosquitto::{Mosquitto, TlsMode, require_mosquitto, start_cloud_broker};
-use futures_util::{SinkExt, StreamExt};
-use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, Publish};
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{WebSocketStream, client_async};
+use tokio_tungstenite::tungstenite;
+use ws_device::{Device, Ws, tls_connect, uplink_publish, ws_connect};
 
 const PATH: &str = "/mqtt";
 
@@ -123,107 +118,6 @@ impl Setup {
             self.rejected(reason)
         );
     }
-}
-
-async fn tls_connect(
-    port: u16,
-    tls: Arc<rustls::ClientConfig>,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).await?;
-    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-    TlsConnector::from(tls).connect(name, tcp).await
-}
-
-type Ws = WebSocketStream<TlsStream<TcpStream>>;
-
-/// A WebSocket upgrade on `path`, offering `subprotocol` if any.
-async fn ws_connect(
-    port: u16,
-    tls: Arc<rustls::ClientConfig>,
-    path: &str,
-    subprotocol: Option<&str>,
-) -> Result<Ws, tungstenite::Error> {
-    let stream = tls_connect(port, tls).await?;
-    let mut request = format!("wss://localhost:{port}{path}")
-        .into_client_request()
-        .expect("request");
-    if let Some(protocol) = subprotocol {
-        let value = protocol.parse().expect("header value");
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", value);
-    }
-    client_async(request, stream).await.map(|(ws, _)| ws)
-}
-
-/// A hand-written MQTT client over either transport: one packet per write, packets
-/// read from whatever arrives. `None` from `recv` means the gateway closed.
-enum Device {
-    Tcp(Box<TlsStream<TcpStream>>, BytesMut),
-    Ws(Box<Ws>, BytesMut),
-}
-
-impl Device {
-    async fn send(&mut self, packet: Packet) {
-        let mut bytes = BytesMut::new();
-        packet.write(&mut bytes, usize::MAX).expect("encode");
-        let sent = match self {
-            Self::Tcp(tls, _) => tls.write_all(&bytes).await.is_ok() && tls.flush().await.is_ok(),
-            Self::Ws(ws, _) => ws.send(Message::Binary(bytes.freeze())).await.is_ok(),
-        };
-        assert!(sent, "send failed");
-    }
-
-    async fn send_text(&mut self, text: &str) {
-        let Self::Ws(ws, _) = self else {
-            panic!("text messages exist only on WebSocket")
-        };
-        ws.send(Message::Text(text.into())).await.expect("send");
-    }
-
-    async fn recv(&mut self) -> Option<Packet> {
-        let fut = async {
-            loop {
-                let inbuf = match self {
-                    Self::Tcp(_, inbuf) | Self::Ws(_, inbuf) => inbuf,
-                };
-                match Packet::read(inbuf, 1 << 20) {
-                    Ok(packet) => return Some(packet),
-                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-                    Err(err) => panic!("undecodable packet from the gateway: {err:?}"),
-                }
-                match self {
-                    Self::Tcp(tls, inbuf) => match tls.read_buf(inbuf).await {
-                        Ok(n) if n > 0 => {}
-                        _ => return None,
-                    },
-                    Self::Ws(ws, inbuf) => match ws.next().await {
-                        Some(Ok(Message::Binary(data))) => inbuf.extend_from_slice(&data),
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        _ => return None,
-                    },
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), fut)
-            .await
-            .expect("the gateway answers or closes within 10 s")
-    }
-
-    /// CONNECT with `client_id`; returns the CONNACK's code.
-    async fn connect(&mut self, client_id: &str) -> ConnectReturnCode {
-        self.send(Packet::Connect(Connect::new(client_id))).await;
-        match self.recv().await {
-            Some(Packet::ConnAck(ack)) => ack.code,
-            other => panic!("expected a CONNACK, got {other:?}"),
-        }
-    }
-}
-
-fn uplink_publish(topic: &str, envelope: Vec<u8>, pkid: u16) -> Packet {
-    let mut publish = Publish::new(topic, QoS::AtLeastOnce, envelope);
-    publish.pkid = pkid;
-    Packet::Publish(publish)
 }
 
 /// Seals `count` readings as `device` into `dir` (one file each, sorted by name).
@@ -425,6 +319,40 @@ async fn wrong_subprotocol_path_or_plain_http_is_refused_and_counted() {
     assert_eq!(device.recv().await, None);
     setup.wait_rejected("malformed_packet", 1).await;
     assert_eq!(setup.gateway.metrics().received.get(), 0);
+    setup.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_device_certificate_and_ca_serve_the_next_websocket_handshake() {
+    let setup = Setup::start(&["pump-17"], false).await;
+    // A new device PKI (new CA, new gateway certificate), as a reload would load it.
+    let new_pki = common::dev_pki(&setup.dir.path().join("new"), &["pump-17"]);
+    let mut plan = common::gateway_plan(setup.dir.path(), &new_pki, common::free_port());
+    plan.device_tls = blindgate::tls::device_server_config(
+        &new_pki.device_ca.cert,
+        &new_pki.gateway_devices.cert,
+        &new_pki.gateway_devices.key,
+    )
+    .expect("device TLS");
+    setup.gateway.apply(&plan, false);
+
+    // The old device certificate (trusting the new gateway certificate) is refused.
+    let old_paths = &setup.pki.devices[0].1;
+    let old_device = common::client_tls(&new_pki.device_ca.cert, &old_paths.cert, &old_paths.key);
+    assert!(
+        ws_connect(setup.ws_port(), old_device, PATH, Some("mqtt"))
+            .await
+            .is_err(),
+        "a device of the old CA is refused"
+    );
+    setup.wait_rejected("tls_handshake", 1).await;
+    let new_paths = &new_pki.devices[0].1;
+    let new_tls = common::client_tls(&new_pki.device_ca.cert, &new_paths.cert, &new_paths.key);
+    let ws = ws_connect(setup.ws_port(), new_tls, PATH, Some("mqtt"))
+        .await
+        .expect("upgrade with the new PKI");
+    let mut device = Device::Ws(Box::new(ws), BytesMut::new());
+    assert_eq!(device.connect("pump-17").await, ConnectReturnCode::Success);
     setup.gateway.stop().await;
 }
 

@@ -87,7 +87,13 @@ pub async fn run_service(
 }
 
 fn status_line(gateway: &Gateway) -> String {
-    format!("serving devices on {}", gateway.device_addr())
+    match gateway.websocket_addr() {
+        Some(ws) => format!(
+            "serving devices on {} (WebSocket on {ws})",
+            gateway.device_addr()
+        ),
+        None => format!("serving devices on {}", gateway.device_addr()),
+    }
 }
 
 fn reload_status(outcome: &ReloadOutcome, gateway: &Gateway) -> String {
