@@ -190,7 +190,13 @@ async fn a_paho_websocket_device_reaches_the_cloud_byte_identical() {
         got.iter().zip(&sent).all(|(g, s)| *g == s),
         "bytes or order differ"
     );
+    // Once every session has ended: nothing paho did was refused, its leaving included.
+    let metrics = setup.gateway.metrics().clone();
     setup.gateway.stop().await;
+    for reason in blindgate::metrics::Rejection::ALL {
+        let refused = metrics.rejected.with_label_values(&[reason.as_str()]).get();
+        assert_eq!(refused, 0, "{}", reason.as_str());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

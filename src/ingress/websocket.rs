@@ -19,6 +19,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -191,10 +192,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MessageStream<S> {
                 }
                 // Answered (ping) or ignored (pong) by the WebSocket layer.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                // The peer closed: end of stream, as a TCP FIN would be.
+                // The peer closed, with or without the closing handshake: end of
+                // stream, as a TCP FIN is on the TCP listener.
                 Some(Ok(Message::Close(_)))
                 | None
-                | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                | Some(Err(
+                    WsError::ConnectionClosed
+                    | WsError::AlreadyClosed
+                    | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+                )) => {
                     return Poll::Ready(Ok(()));
                 }
                 Some(Err(err)) => {

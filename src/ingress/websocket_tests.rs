@@ -124,6 +124,15 @@ async fn pings_are_answered_and_close_ends_the_stream() {
 }
 
 #[tokio::test]
+async fn a_peer_gone_without_the_closing_handshake_is_an_end_not_a_fault() {
+    let (mut server, client, seen) = pair().await;
+    drop(client);
+    let mut buf = BytesMut::new();
+    assert_eq!(server.read_buf(&mut buf).await.expect("eof"), 0);
+    assert!(seen.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
 async fn each_write_goes_out_as_one_binary_message() {
     let (mut server, mut client, _) = pair().await;
     let acks = encode(&[
