@@ -96,16 +96,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Counts a refusal and logs it, at most once per reason every 10 s.
-    fn reject(&self, reason: Rejection, what: &str) {
-        self.metrics.reject(reason);
-        if let Some(suppressed) = self.log.check(reason.as_str()) {
-            tracing::warn!(reason = reason.as_str(), suppressed, "{what}");
-            self.metrics.problems.record(reason.as_str(), what);
-        }
-    }
-
-    /// Like [`Shared::reject`] with a message that names the peer or the cause.
-    fn reject_detail(&self, reason: Rejection, what: String) {
+    fn reject(&self, reason: Rejection, what: impl Into<String> + std::fmt::Display) {
         self.metrics.reject(reason);
         if let Some(suppressed) = self.log.check(reason.as_str()) {
             tracing::warn!(reason = reason.as_str(), suppressed, "{what}");
@@ -271,7 +262,7 @@ impl Ingress {
         let ws = match tokio::time::timeout_at(deadline, upgrade).await {
             Ok(Ok(ws)) => ws,
             Ok(Err(refusal)) => {
-                self.shared.reject_detail(
+                self.shared.reject(
                     Rejection::WebSocketHandshake,
                     format!("device WebSocket upgrade from {peer} refused: {refusal}"),
                 );
@@ -305,7 +296,7 @@ impl Ingress {
         let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(err)) => {
-                self.shared.reject_detail(
+                self.shared.reject(
                     Rejection::TlsHandshake,
                     format!("device TLS handshake from {peer} failed: {err}"),
                 );
