@@ -1,8 +1,10 @@
 //! MQTT over WebSocket for devices, end to end with real parts: a real TLS 1.3
 //! WebSocket listener of the gateway, paho-mqtt (`transport="websockets"`) as a device
 //! we did not write, Mosquitto as the cloud broker. Also what is refused, and that it
-//! is refused exactly as on the TCP listener: another device's certificate, no client
-//! certificate, a wrong subprotocol, path or plain HTTP, a text message.
+//! is refused exactly as on the TCP listener: another device's certificate, an
+//! oversize packet, no client certificate, a wrong subprotocol, path or plain HTTP, a
+//! text message; one connection limit for both transports; reloaded TLS material; the
+//! config keys.
 
 mod common;
 #[path = "common/ws_device.rs"]
@@ -36,6 +38,15 @@ struct Setup {
 
 impl Setup {
     async fn start(devices: &[&str], with_cloud: bool) -> Self {
+        Self::start_tuned(devices, with_cloud, |_| {}).await
+    }
+
+    /// [`Setup::start`] with the gateway plan changed by `tune` first.
+    async fn start_tuned(
+        devices: &[&str],
+        with_cloud: bool,
+        tune: impl FnOnce(&mut blindgate::gateway::GatewayPlan),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = common::dev_pki(dir.path(), devices);
         let (cloud_port, cloud) = if with_cloud {
@@ -46,7 +57,8 @@ impl Setup {
         } else {
             (common::free_port(), None)
         };
-        let plan = common::gateway_plan(dir.path(), &pki, cloud_port);
+        let mut plan = common::gateway_plan(dir.path(), &pki, cloud_port);
+        tune(&mut plan);
         let websocket = WebSocketListen {
             listen: "127.0.0.1:0".parse().expect("addr"),
             path: PATH.into(),
@@ -270,6 +282,55 @@ async fn another_devices_certificate_is_refused_as_on_tcp() {
         vec![("gw/gw-1/e3/pump-17/up".to_owned(), genuine)]
     );
     assert_eq!(setup.gateway.metrics().received.get(), 1);
+    setup.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_packet_closes_the_connection_as_on_tcp() {
+    let setup = Setup::start(&["pump-17"], false).await;
+    let tls = setup.tls(Some("pump-17"));
+    let tcp = tls_connect(setup.gateway.device_addr().port(), Arc::clone(&tls));
+    let ws = ws_connect(setup.ws_port(), tls, PATH, Some("mqtt"));
+    // The test plan's packet limit is 8 KiB (envelopes up to 4 KiB).
+    let huge = uplink_publish("e3/pump-17/up", vec![0; 16 * 1024], 1);
+    let devices = [
+        Device::Tcp(Box::new(tcp.await.expect("tls")), BytesMut::new()),
+        Device::Ws(Box::new(ws.await.expect("upgrade")), BytesMut::new()),
+    ];
+    for (n, mut device) in devices.into_iter().enumerate() {
+        assert_eq!(device.connect("pump-17").await, ConnectReturnCode::Success);
+        let _sent = device.send_unchecked(huge.clone()).await;
+        assert_eq!(device.recv().await, None, "closed without a PUBACK");
+        setup.wait_rejected("oversize", n as u64 + 1).await;
+    }
+    assert_eq!(setup.gateway.metrics().received.get(), 0);
+    setup.gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_transports_share_one_connection_limit() {
+    let setup = Setup::start_tuned(&["pump-17", "meter-9"], false, |plan| {
+        plan.ingress.max_connections = 1;
+    })
+    .await;
+    let tcp = tls_connect(
+        setup.gateway.device_addr().port(),
+        setup.tls(Some("pump-17")),
+    );
+    let mut tcp_device = Device::Tcp(Box::new(tcp.await.expect("tls")), BytesMut::new());
+    assert_eq!(
+        tcp_device.connect("pump-17").await,
+        ConnectReturnCode::Success
+    );
+    let second = ws_connect(
+        setup.ws_port(),
+        setup.tls(Some("meter-9")),
+        PATH,
+        Some("mqtt"),
+    );
+    assert!(second.await.is_err(), "a second connection over WebSocket");
+    setup.wait_rejected("connection_limit", 1).await;
+    drop(tcp_device);
     setup.gateway.stop().await;
 }
 

@@ -65,13 +65,17 @@ pub enum Device {
 
 impl Device {
     pub async fn send(&mut self, packet: Packet) {
+        assert!(self.send_unchecked(packet).await, "send failed");
+    }
+
+    /// Sends `packet`; false if the gateway had already closed (it may, mid-write).
+    pub async fn send_unchecked(&mut self, packet: Packet) -> bool {
         let mut bytes = BytesMut::new();
         packet.write(&mut bytes, usize::MAX).expect("encode");
-        let sent = match self {
+        match self {
             Self::Tcp(tls, _) => tls.write_all(&bytes).await.is_ok() && tls.flush().await.is_ok(),
             Self::Ws(ws, _) => ws.send(Message::Binary(bytes.freeze())).await.is_ok(),
-        };
-        assert!(sent, "send failed");
+        }
     }
 
     pub async fn send_text(&mut self, text: &str) {
