@@ -39,11 +39,14 @@ pub enum Rejection {
     ConnectionLimit,
     /// The first packet was not a valid CONNECT in time.
     BadConnect,
+    /// WebSocket listener: not an upgrade on the configured path offering the `mqtt`
+    /// subprotocol (plain HTTP, wrong path, other subprotocol, deadline).
+    WebSocketHandshake,
 }
 
 impl Rejection {
     /// Every value, for registering label values up front.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::TopicNotAllowed,
         Self::SubscribeNotAllowed,
         Self::MalformedEnvelope,
@@ -57,6 +60,7 @@ impl Rejection {
         Self::NoIdentity,
         Self::ConnectionLimit,
         Self::BadConnect,
+        Self::WebSocketHandshake,
     ];
 
     /// The label value.
@@ -75,6 +79,7 @@ impl Rejection {
             Self::NoIdentity => "no_identity",
             Self::ConnectionLimit => "connection_limit",
             Self::BadConnect => "bad_connect",
+            Self::WebSocketHandshake => "websocket_handshake",
         }
     }
 }

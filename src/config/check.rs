@@ -20,7 +20,7 @@
 //!   and is not readable by others (error) nor writable by its group or readable by a
 //!   group other than `blindgate` or the caller's (warnings);
 //! - the listeners can bind (`devices.listen`, `devices.plaintext_listen`,
-//!   `metrics.listen`), unless [`PortCheck::Skip`] (a reload: the running gateway
+//!   `devices.websocket_listen`, `metrics.listen`), unless [`PortCheck::Skip`] (a reload: the running gateway
 //!   holds them);
 //! - `gateway.data_dir` is a writable directory, or can be created (nothing is
 //!   created here), and the file system holding it has room for `queue.max_bytes`
@@ -258,6 +258,9 @@ fn check_sections(env: &mut Env<'_>, sections: &Sections, ports: PortCheck) {
             env.listener("devices.listen", devices.listen);
             if let Some(addr) = devices.plaintext_listen {
                 env.listener("devices.plaintext_listen", addr);
+            }
+            if let Some(addr) = devices.websocket_listen {
+                env.listener("devices.websocket_listen", addr);
             }
         }
     }

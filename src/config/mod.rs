@@ -99,6 +99,12 @@ pub struct DevicesSection {
     pub plaintext_listen: Option<SocketAddr>,
     /// Allows `plaintext_listen` on a non-loopback address. Default: `false`.
     pub plaintext_allow_non_loopback: bool,
+    /// MQTT over WebSocket (subprotocol `mqtt`) on TLS 1.3 with client certificates,
+    /// with the same certificate, CA, limits and rules as `listen`. Default: none
+    /// (off; `""` also means off).
+    pub websocket_listen: Option<SocketAddr>,
+    /// The HTTP path WebSocket devices upgrade on. Default: `/mqtt`.
+    pub websocket_path: String,
     /// Most simultaneous device connections (1..=100000). Default: `1000`.
     pub max_connections: usize,
     /// Publishes awaiting PUBACK per connection (1..=65535). Default: `32`.
@@ -318,6 +324,8 @@ struct RawDevices {
     key: Opt<String>,
     plaintext_listen: Opt<String>,
     plaintext_allow_non_loopback: Opt<bool>,
+    websocket_listen: Opt<String>,
+    websocket_path: Opt<String>,
     max_connections: Opt<Count>,
     max_inflight_per_device: Opt<Count>,
     rate_limit_per_device: Opt<Count>,
@@ -651,6 +659,13 @@ fn devices_section(
     let key = required!(s, raw.key, r#""/etc/blindgate/gateway-devices.key""#, path);
     let plaintext_listen = optional!(s, raw.plaintext_listen, None, optional_socket_addr);
     let plaintext_allow_non_loopback = optional!(s, raw.plaintext_allow_non_loopback, false, Ok);
+    let websocket_listen = optional!(s, raw.websocket_listen, None, optional_socket_addr);
+    let websocket_path = optional!(
+        s,
+        raw.websocket_path,
+        crate::ingress::websocket::DEFAULT_PATH.to_owned(),
+        websocket_path,
+    );
     let max_connections = optional!(
         s,
         raw.max_connections,
@@ -712,6 +727,8 @@ fn devices_section(
         key: key?,
         plaintext_listen: plaintext_listen?,
         plaintext_allow_non_loopback: plaintext_allow_non_loopback?,
+        websocket_listen: websocket_listen?,
+        websocket_path: websocket_path?,
         max_connections: max_connections?,
         max_inflight_per_device: max_inflight_per_device?,
         rate_limit_per_device: rate_limit_per_device?,
@@ -948,6 +965,7 @@ fn check_listeners_distinct(
     let listeners = [
         ("devices.listen", Some(devices.listen)),
         ("devices.plaintext_listen", devices.plaintext_listen),
+        ("devices.websocket_listen", devices.websocket_listen),
         ("metrics.listen", metrics.listen),
     ];
     let present: Vec<(&str, SocketAddr)> = listeners
@@ -1004,6 +1022,16 @@ fn socket_addr(text: String) -> Result<SocketAddr, Problem> {
             r#"write e.g. "0.0.0.0:8883", "127.0.0.1:8883" or "[::]:8883"; host names such as localhost are not accepted"#,
         )
     })
+}
+
+/// An absolute HTTP path without query or fragment, e.g. `/mqtt`.
+fn websocket_path(path: String) -> Result<String, Problem> {
+    let valid_char = |c: char| c.is_ascii_graphic() && !matches!(c, '?' | '#' | '%');
+    if path.starts_with('/') && path.len() <= 256 && path.chars().all(valid_char) {
+        return Ok(path);
+    }
+    Err(Problem::new(format!("`{path}` is not a WebSocket request path"))
+        .hint(r#"write an absolute path of visible ASCII characters without '?', '#' or '%', e.g. "/mqtt""#))
 }
 
 /// `""` means off.
@@ -1417,6 +1445,15 @@ mod tests {
         );
         assert!(keys_of("queue").contains(&"max_bytes"));
         assert_eq!(keys_of("cloud").len(), 15);
-        assert_eq!(keys_of("devices").len(), 14);
+        assert_eq!(keys_of("devices").len(), 16);
+    }
+
+    #[test]
+    fn a_websocket_path_is_absolute_visible_ascii_without_query() {
+        assert_eq!(websocket_path("/mqtt".into()), Ok("/mqtt".to_owned()));
+        assert_eq!(websocket_path("/a/b-c".into()), Ok("/a/b-c".to_owned()));
+        for bad in ["mqtt", "", "/a b", "/mqtt?x=1", "/m#", "/%20", "/é"] {
+            assert!(websocket_path(bad.into()).is_err(), "{bad}");
+        }
     }
 }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio::sync::{Notify, watch};
 
 use crate::http;
-use crate::ingress::{DeviceRegistry, Ingress, IngressSettings};
+use crate::ingress::{DeviceRegistry, Ingress, IngressSettings, WebSocketListen};
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueConfig, QueueError};
 use crate::uplink::{self, UplinkControl, UplinkSettings};
@@ -82,6 +82,7 @@ pub struct Gateway {
     registry: Arc<DeviceRegistry>,
     device_addr: SocketAddr,
     plaintext_addr: Option<SocketAddr>,
+    websocket_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     stop_ingress: CancellationToken,
     stop_rest: CancellationToken,
@@ -115,6 +116,19 @@ impl Gateway {
     /// # Errors
     /// [`GatewayError`] if the queue cannot be opened or a socket cannot be bound.
     pub async fn start(plan: GatewayPlan) -> Result<Self, GatewayError> {
+        Self::start_with(plan, None).await
+    }
+
+    /// [`Gateway::start`], plus the device listener for MQTT over WebSocket if
+    /// `websocket` is set (`[devices] websocket_listen`; see
+    /// [`GatewayPlan::websocket_from_config`]).
+    ///
+    /// # Errors
+    /// [`GatewayError`] if the queue cannot be opened or a socket cannot be bound.
+    pub async fn start_with(
+        plan: GatewayPlan,
+        websocket: Option<WebSocketListen>,
+    ) -> Result<Self, GatewayError> {
         let metrics = Metrics::new();
         let queue = Queue::open(plan.queue.clone())?;
         let registry = DeviceRegistry::new(plan.downlink_pending_per_device, metrics.clone());
@@ -144,6 +158,20 @@ impl Gateway {
         ingress_tasks.push(tokio::spawn(async move {
             serving.serve_tls(devices, tls, stop).await;
         }));
+        let mut websocket_addr = None;
+        if let Some(ws) = websocket {
+            let listener = bind(ws.listen).await?;
+            websocket_addr = Some(local(&listener, ws.listen));
+            tracing::info!(addr = %ws.listen, path = %ws.path, "MQTT over WebSocket listener enabled");
+            let (stop, serving, tls) = (
+                stop_ingress.clone(),
+                ingress.clone(),
+                device_tls.subscribe(),
+            );
+            ingress_tasks.push(tokio::spawn(async move {
+                serving.serve_websocket(listener, tls, ws.path, stop).await;
+            }));
+        }
         let mut plaintext_addr = None;
         if let Some(addr) = plan.plaintext_listen {
             let plain = bind(addr).await?;
@@ -183,6 +211,7 @@ impl Gateway {
             registry,
             device_addr,
             plaintext_addr,
+            websocket_addr,
             metrics_addr,
             stop_ingress,
             stop_rest,
@@ -227,6 +256,11 @@ impl Gateway {
     /// The plain listener's bound address, if enabled.
     pub fn plaintext_addr(&self) -> Option<SocketAddr> {
         self.plaintext_addr
+    }
+
+    /// The WebSocket device listener's bound address, if enabled.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.websocket_addr
     }
 
     /// The metrics endpoint's bound address, if enabled.

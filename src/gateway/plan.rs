@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use super::GatewayPlan;
 use crate::config::ValidConfig;
-use crate::ingress::IngressSettings;
+use crate::ingress::{IngressSettings, WebSocketListen};
 use crate::queue::QueueConfig;
 use crate::tls::{TlsError, UplinkTlsOptions, device_server_config, uplink_client_config};
 use crate::uplink::UplinkSettings;
@@ -109,6 +109,19 @@ impl GatewayPlan {
             downlink_pending_per_device: devices.downlink_pending_per_device,
             metrics_listen: config.metrics.listen,
             ready_max_ack_age: cloud.ready_max_ack_age,
+        })
+    }
+}
+
+impl GatewayPlan {
+    /// The WebSocket device listener `config` asks for (`[devices] websocket_listen`),
+    /// `None` when it is off (the default). It shares the TLS listener's certificate,
+    /// CA, limits and sessions; only the address and the path are its own.
+    pub fn websocket_from_config(config: &ValidConfig) -> Option<WebSocketListen> {
+        let devices = &config.devices;
+        devices.websocket_listen.map(|listen| WebSocketListen {
+            listen,
+            path: devices.websocket_path.clone(),
         })
     }
 }

@@ -28,16 +28,19 @@ pub async fn run_service(
     plan: GatewayPlan,
 ) -> Result<(), GatewayError> {
     let notifier = Notifier::from_env();
+    let websocket = GatewayPlan::websocket_from_config(&config);
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; running without reload");
-        super::run(plan, std::future::pending()).await?;
+        let gateway = Gateway::start_with(plan, websocket).await?;
+        std::future::pending::<()>().await;
+        gateway.stop().await;
         return Ok(());
     };
-    let gateway = Gateway::start(plan).await?;
+    let gateway = Gateway::start_with(plan, websocket).await?;
     let mut reloader = Reloader::new(path, config, &gateway);
     notifier.ready(&status_line(&gateway));
 
@@ -84,7 +87,13 @@ pub async fn run_service(
 }
 
 fn status_line(gateway: &Gateway) -> String {
-    format!("serving devices on {}", gateway.device_addr())
+    match gateway.websocket_addr() {
+        Some(ws) => format!(
+            "serving devices on {} (WebSocket on {ws})",
+            gateway.device_addr()
+        ),
+        None => format!("serving devices on {}", gateway.device_addr()),
+    }
 }
 
 fn reload_status(outcome: &ReloadOutcome, gateway: &Gateway) -> String {

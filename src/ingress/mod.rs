@@ -1,16 +1,19 @@
-//! The device listener: MQTT 3.1.1 over TLS 1.3 with client certificates (and, for the
-//! lab only, plain TCP), built on `rumqttc::mqttbytes` (see docs/ARCHITECTURE.md for
-//! why not rumqttd).
+//! The device listener: MQTT 3.1.1 over TLS 1.3 with client certificates, optionally
+//! also over WebSocket on TLS 1.3 (and, for the lab only, plain TCP), built on
+//! `rumqttc::mqttbytes` (see docs/ARCHITECTURE.md for why not rumqttd). Every transport
+//! ends in the same session code.
 //!
 //! # Layout
 //!
 //! - `session`: one connection's MQTT state machine; PUBACK only after the queue's fsync.
 //! - `registry`: which device is connected where; downlink buffering.
 //! - `validate`: the E3 header checks a keyless gateway can make.
+//! - `websocket`: the WebSocket upgrade and the message-to-byte-stream adapter.
 
 pub mod registry;
 mod session;
 pub mod validate;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,6 +32,7 @@ use crate::metrics::{Metrics, Rejection};
 use crate::queue::Queue;
 use crate::topics::TopicTemplate;
 pub use registry::DeviceRegistry;
+pub use websocket::WebSocketListen;
 
 /// Limits and topics of the device listener.
 #[derive(Debug, Clone)]
@@ -91,7 +96,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Counts a refusal and logs it, at most once per reason every 10 s.
-    fn reject(&self, reason: Rejection, what: &str) {
+    fn reject(&self, reason: Rejection, what: impl Into<String> + std::fmt::Display) {
         self.metrics.reject(reason);
         if let Some(suppressed) = self.log.check(reason.as_str()) {
             tracing::warn!(reason = reason.as_str(), suppressed, "{what}");
@@ -159,6 +164,29 @@ impl Ingress {
         .await;
     }
 
+    /// Accepts MQTT over WebSocket on TLS: the same TLS configuration, handshake
+    /// deadline and connection limit as [`Ingress::serve_tls`], then the WebSocket
+    /// upgrade on `path` (subprotocol `mqtt`), then the same session code.
+    pub async fn serve_websocket(
+        &self,
+        listener: TcpListener,
+        tls: watch::Receiver<Arc<ServerConfig>>,
+        path: String,
+        shutdown: CancellationToken,
+    ) {
+        let path: Arc<str> = path.into();
+        self.accept_loop(listener, shutdown, move |ingress, tcp, peer, stop| {
+            let acceptor = TlsAcceptor::from(Arc::clone(&tls.borrow()));
+            let path = Arc::clone(&path);
+            async move {
+                ingress
+                    .handle_websocket(acceptor, tcp, peer, &path, stop)
+                    .await;
+            }
+        })
+        .await;
+    }
+
     async fn accept_loop<F, Fut>(
         &self,
         listener: TcpListener,
@@ -207,24 +235,77 @@ impl Ingress {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
-        let deadline = self.shared.settings.connect_timeout;
-        let stream = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+        let deadline = Instant::now() + self.shared.settings.connect_timeout;
+        let handshake = self.tls_handshake(acceptor, tcp, peer, deadline).await;
+        let Some((stream, identity)) = handshake else {
+            return;
+        };
+        session::run(self.shared, stream, identity, shutdown).await;
+    }
+
+    async fn handle_websocket(
+        self,
+        acceptor: TlsAcceptor,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        path: &str,
+        shutdown: CancellationToken,
+    ) {
+        // One deadline for the TLS handshake and the upgrade together, as TCP has for
+        // its handshake; the CONNECT then has the session's own deadline.
+        let deadline = Instant::now() + self.shared.settings.connect_timeout;
+        let handshake = self.tls_handshake(acceptor, tcp, peer, deadline).await;
+        let Some((stream, identity)) = handshake else {
+            return;
+        };
+        let upgrade = websocket::upgrade(stream, path, self.shared.settings.max_packet);
+        let ws = match tokio::time::timeout_at(deadline, upgrade).await {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(refusal)) => {
+                self.shared.reject(
+                    Rejection::WebSocketHandshake,
+                    format!("device WebSocket upgrade from {peer} refused: {refusal}"),
+                );
+                return;
+            }
+            Err(_) => {
+                self.shared.reject(
+                    Rejection::WebSocketHandshake,
+                    "device WebSocket upgrade timed out",
+                );
+                return;
+            }
+        };
+        let shared = Arc::clone(&self.shared);
+        let on_violation = Arc::new(move |reason, what: &'static str| {
+            shared.reject(reason, what);
+        });
+        let stream = websocket::MessageStream::new(ws, on_violation);
+        session::run(self.shared, stream, identity, shutdown).await;
+    }
+
+    /// The TLS handshake by `deadline`, and the identities of the verified client
+    /// certificate; `None` (counted, logged) if it fails.
+    async fn tls_handshake(
+        &self,
+        acceptor: TlsAcceptor,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        deadline: Instant,
+    ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Identity)> {
+        let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(err)) => {
-                self.shared.metrics.reject(Rejection::TlsHandshake);
-                if let Some(suppressed) = self.shared.log.check(Rejection::TlsHandshake.as_str()) {
-                    tracing::warn!(%peer, error = %err, suppressed, "device TLS handshake failed");
-                    self.shared.metrics.problems.record(
-                        Rejection::TlsHandshake.as_str(),
-                        format!("device TLS handshake from {peer} failed: {err}"),
-                    );
-                }
-                return;
+                self.shared.reject(
+                    Rejection::TlsHandshake,
+                    format!("device TLS handshake from {peer} failed: {err}"),
+                );
+                return None;
             }
             Err(_) => {
                 self.shared
                     .reject(Rejection::TlsHandshake, "device TLS handshake timed out");
-                return;
+                return None;
             }
         };
         let identities = stream
@@ -234,12 +315,6 @@ impl Ingress {
             .and_then(|certs| certs.first())
             .and_then(|cert| crate::tls::certificate_identities(cert).ok())
             .unwrap_or_default();
-        session::run(
-            self.shared,
-            stream,
-            Identity::Certificate(identities),
-            shutdown,
-        )
-        .await;
+        Some((stream, Identity::Certificate(identities)))
     }
 }
