@@ -369,4 +369,51 @@ mod tests {
         assert!(args.compress);
         assert_eq!(args.payload_kind(), PayloadKind::Readings);
     }
+
+    #[test]
+    fn commands_give_each_device_its_types_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schema = dir.path().join("commands.toml");
+        std::fs::write(
+            &schema,
+            "[device_types]\nthermostat-1 = \"thermostat\"\n[types.thermostat.reboot]\n",
+        )
+        .expect("schema written");
+        let schema = schema.to_str().expect("UTF-8 path");
+        let configs = parse(&["--device", "thermostat-1", "--commands", schema])
+            .device_configs()
+            .expect("configs");
+        let allowed = configs[0].commands.as_ref().expect("an allowlist");
+        assert_eq!(allowed.device_type, "thermostat");
+        assert!(allowed.commands.contains_key("reboot"));
+        let untyped = parse(&["--device", "pump-17", "--commands", schema]).device_configs();
+        assert!(
+            matches!(untyped, Err(DeviceCliError::DeviceType { ref device, .. }) if device == "pump-17")
+        );
+        let forced = parse(&[
+            "--device",
+            "pump-17",
+            "--commands",
+            schema,
+            "--device-type",
+            "thermostat",
+        ])
+        .device_configs()
+        .expect("configs");
+        assert!(forced[0].commands.is_some());
+        let unknown = parse(&[
+            "--device",
+            "x",
+            "--commands",
+            schema,
+            "--device-type",
+            "pump",
+        ]);
+        assert!(unknown.device_configs().is_err());
+        assert!(
+            parse(&["--device", "x"]).device_configs().expect("configs")[0]
+                .commands
+                .is_none()
+        );
+    }
 }
