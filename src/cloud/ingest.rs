@@ -26,7 +26,7 @@ use super::postgres::PostgresSink;
 use super::registry::Registry;
 use super::replay::ReplayStore;
 use super::sink::{JsonlSink, SinkLine};
-use crate::commands::{CommandOutcome, CommandResult, quote};
+use crate::commands::{CommandOutcome, CommandResult, quote, quote_up_to};
 use crate::keys::KeyStore;
 use crate::log_limit::LogLimiter;
 use crate::payload::{Content, decode};
@@ -190,7 +190,7 @@ impl Ingest {
             CommandOutcome::Refused => "command_refused",
         };
         if let Some(suppressed) = self.log.check(reason) {
-            let (cmd, message) = (quote(&result.cmd), quote(&result.message));
+            let (cmd, message) = (quote(&result.cmd), quote_up_to(&result.message, 256));
             match outcome {
                 CommandOutcome::Executed => {
                     tracing::info!(device = %route.device, command_seq = result.seq, cmd, suppressed, "device executed a command")

@@ -18,7 +18,7 @@ pub use schema::{
     CommandSpec, ParamKind, ParamSpec, RESERVED_COMMAND, Schema, SchemaError, SchemaProblem,
     TypeCommands,
 };
-pub use validate::{Refusal, check_command, check_outgoing, quote};
+pub use validate::{Refusal, check_command, check_outgoing, quote, quote_up_to};
 
 #[cfg(test)]
 mod tests;

@@ -249,6 +249,15 @@ impl Schema {
                 let mut spec = CommandSpec::default();
                 for (name, entry) in params.into_inner() {
                     let key = format!("{key}.{name}");
+                    if name == "cmd" {
+                        let at = entry.span().start;
+                        checker.problem(
+                            at,
+                            &key,
+                            "`cmd` names the command; it cannot be a parameter".into(),
+                        );
+                        continue;
+                    }
                     if let Some(param) = checker.param(&key, entry) {
                         spec.params.insert(name, param);
                     }

@@ -136,9 +136,9 @@ w = { type = \"enum\", values = [] }
 v = { type = \"boolean\", min = 1 }
 u = { type = \"enum\", values = [\"a\", \"a\"] }
 s = { type = \"number\", values = [\"a\"] }
+cmd = { type = \"boolean\" }
 
 [types.t.rekey]
-
 [device_types]
 d-1 = \"pump\"
 ";
@@ -152,7 +152,8 @@ d-1 = \"pump\"
             "6:31: types.t.a.v: `min` does not apply to type `boolean`",
             "7:31: types.t.a.u: `values` lists `a` twice",
             "8:33: types.t.a.s: `values` applies to type `enum` only, not `number`",
-            "10:1: types.t.rekey: `rekey` is reserved: key rotation sends it, and the device checks it by its own rules",
+            "9:7: types.t.a.cmd: `cmd` names the command; it cannot be a parameter",
+            "11:1: types.t.rekey: `rekey` is reserved: key rotation sends it, and the device checks it by its own rules",
             "13:7: device_types.d-1: unknown device type `pump` (no [types.pump.<command>] table)",
         ]
     );

@@ -236,9 +236,14 @@ fn check_value(name: &str, param: &ParamSpec, value: &Value) -> Result<(), Refus
 /// A name or value safe to quote in a message and a log: at most [`QUOTE_LEN`]
 /// characters, non-printable ones replaced by `?`.
 pub fn quote(text: &str) -> String {
+    quote_up_to(text, QUOTE_LEN)
+}
+
+/// As [`quote`], at most `len` characters (then `…`).
+pub fn quote_up_to(text: &str, len: usize) -> String {
     let mut out: String = text
         .chars()
-        .take(QUOTE_LEN)
+        .take(len)
         .map(|c| {
             if c.is_ascii_graphic() || c == ' ' {
                 c
@@ -247,7 +252,7 @@ pub fn quote(text: &str) -> String {
             }
         })
         .collect();
-    if text.chars().count() > QUOTE_LEN {
+    if text.chars().count() > len {
         out.push('…');
     }
     out

@@ -41,6 +41,7 @@ use super::state::DeviceState;
 use super::{DeviceConfig, DeviceError, DeviceReport};
 use crate::clock::now_ms;
 use crate::commands::{CommandOutcome, RESERVED_COMMAND};
+use crate::log_limit::LogLimiter;
 use crate::tls::{CipherOrder, TlsError, UplinkTlsOptions, client_config_for_server_name};
 
 /// Requests rumqttc buffers; when full, the send queue waits for the next event.
@@ -337,6 +338,7 @@ pub(super) async fn run(
         report: DeviceReport::default(),
         made: 0,
         paused: false,
+        log: LogLimiter::new(Duration::from_secs(10)),
     };
     let result = device.run(&shutdown).await;
     let mut report = device.report;
@@ -357,6 +359,8 @@ struct Device {
     made: u64,
     /// New messages are paused because the outbox is at its limit.
     paused: bool,
+    /// Refused commands are logged at most once per 10 s.
+    log: LogLimiter,
 }
 
 impl Device {
@@ -584,7 +588,9 @@ impl Device {
             }
             CommandOutcome::Refused => {
                 self.report.commands_refused += 1;
-                warn!(device = %self.config.device_id, seq, cmd = %result.cmd, message = %result.message, "command refused, not executed");
+                if let Some(suppressed) = self.log.check("command_refused") {
+                    warn!(device = %self.config.device_id, seq, cmd = %result.cmd, message = %result.message, suppressed, "command refused, not executed");
+                }
             }
         }
         let uplink = result.to_plaintext(&self.config.device_id, now_ms());

@@ -5,6 +5,10 @@
 
 use crate::commands::{CommandOutcome, CommandResult, TypeCommands, check_command, quote};
 
+/// Longest refusal message sent back, in characters: the result must fit in any
+/// envelope limit, whatever the schema's enum lists hold.
+const MESSAGE_LEN: usize = 256;
+
 /// Checks the opened command `plaintext` (downlink `seq`) against `allowed`.
 pub(super) fn decide(allowed: &TypeCommands, seq: u64, plaintext: &[u8]) -> CommandResult {
     let json: Option<serde_json::Value> = serde_json::from_slice(plaintext).ok();
@@ -29,7 +33,10 @@ pub(super) fn decide(allowed: &TypeCommands, seq: u64, plaintext: &[u8]) -> Comm
             seq,
             cmd,
             result: CommandOutcome::Refused,
-            message: format!("refused: {refusal}"),
+            message: format!("refused: {refusal}")
+                .chars()
+                .take(MESSAGE_LEN)
+                .collect(),
         },
     }
 }
