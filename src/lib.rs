@@ -4,6 +4,7 @@
 //! # Layout
 //!
 //! - [`cloud`]: `blindgate cloud`, the cloud-side ingest (open, replay rule, sink, receipts).
+//! - [`commands`]: command allowlists (schema, the check both ends apply, command results).
 //! - [`clock`]: the wall clock in milliseconds (one definition for every timestamp).
 //! - [`cli`]: the command line (one binary, subcommands) and its dispatch.
 //! - [`e3_tool`]: `blindgate e3 seal|open|keygen`, local tools over device key files.
@@ -35,6 +36,7 @@
 pub mod cli;
 pub mod clock;
 pub mod cloud;
+pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod device;

@@ -74,6 +74,7 @@ const CLOUD_FAMILIES: &[(&str, &str)] = &[
     ("blindgate_cloud_receipts_total", "counter"),
     ("blindgate_cloud_images_completed_total", "counter"),
     ("blindgate_cloud_subscribed", "gauge"),
+    ("blindgate_cloud_command_results_total", "counter"),
 ];
 
 /// promtool's path if it is installed. Otherwise prints a skip message and returns

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::commands::{publish_once, seal_command};
 use super::config::{CloudConfig, load};
 use super::{CloudMetrics, CloudSettings};
+use crate::commands::check_outgoing;
 use crate::keys::{KeyStore, now_ms};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -54,7 +55,8 @@ pub struct SendArgs {
     /// The gateway to send it through (default: the one the registry allows, if just one).
     #[arg(long)]
     gateway: Option<String>,
-    /// The command: a JSON object with a `cmd` field (docs/PAYLOADS.md).
+    /// The command: a JSON object with a `cmd` field and its parameters, checked
+    /// against the command schema (docs/COMMANDS.md) before it is sealed.
     command: String,
 }
 
@@ -123,10 +125,7 @@ async fn serve_systemd(metrics: &CloudMetrics) {
 async fn send(args: &SendArgs) -> Result<(), BoxError> {
     let config = load(&args.config)?;
     let settings = &config.settings;
-    serde_json::from_str::<serde_json::Value>(&args.command)
-        .ok()
-        .filter(|v| v.get("cmd").is_some())
-        .ok_or("the command must be a JSON object with a \"cmd\" field")?;
+    check_against_schema(&config, &args.device, &args.command)?;
     let gateway = match &args.gateway {
         Some(gateway) => gateway.clone(),
         None => only_gateway(settings, &args.device)?,
@@ -145,6 +144,25 @@ async fn send(args: &SendArgs) -> Result<(), BoxError> {
     )
     .await?;
     println!("sent command seq {seq} to {} on {topic}", args.device);
+    Ok(())
+}
+
+/// The allowlist check before sealing: a command that fails it is never sealed nor
+/// published.
+fn check_against_schema(config: &CloudConfig, device: &str, command: &str) -> Result<(), BoxError> {
+    let refused =
+        |why: String| -> BoxError { format!("command refused, nothing sent: {why}").into() };
+    let json: serde_json::Value =
+        serde_json::from_str(command).map_err(|err| refused(format!("not JSON: {err}")))?;
+    let schema = config.commands.as_ref().ok_or_else(|| {
+        refused("no command schema is configured (set [commands] schema in the cloud config; docs/COMMANDS.md)".into())
+    })?;
+    let allowed = schema.for_device(device).ok_or_else(|| {
+        refused(format!(
+            "device `{device}` has no type in the command schema (add it under [device_types])"
+        ))
+    })?;
+    check_outgoing(allowed, &json).map_err(|refusal| refused(refusal.to_string()))?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use super::registry::{Registry, RegistryError};
 use super::{CloudSettings, SinkChoice};
+use crate::commands::{Schema, SchemaError};
 use crate::config::units::{ByteSize, HumanDuration};
 use crate::tls::{CipherOrder, TlsError, UplinkTlsOptions, uplink_client_config};
 use crate::topics::{GatewayTemplate, TemplateError};
@@ -28,6 +29,8 @@ struct File {
     rotation: RotationSection,
     #[serde(default)]
     metrics: MetricsSection,
+    #[serde(default)]
+    commands: CommandsSection,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +110,13 @@ struct MetricsSection {
     listen: Option<SocketAddr>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CommandsSection {
+    /// The command allowlist (`config/commands.toml`).
+    schema: Option<PathBuf>,
+}
+
 fn default_client_id() -> String {
     "ingest-1".into()
 }
@@ -144,6 +154,9 @@ pub struct CloudConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// JSON Lines (one instance) or PostgreSQL (several).
     pub sink: SinkChoice,
+    /// The command allowlist `cloud send-command` checks against; `None`: no command
+    /// may be sent.
+    pub commands: Option<Schema>,
 }
 
 /// Why the cloud config is unusable.
@@ -190,6 +203,15 @@ pub enum CloudConfigError {
         /// The cause.
         #[source]
         source: Box<TlsError>,
+    },
+    /// The command schema is unusable.
+    #[error("{path}: commands.schema")]
+    Commands {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: SchemaError,
     },
     /// The registry is unusable.
     #[error("{path}: registry")]
@@ -259,6 +281,17 @@ pub fn load(path: &Path) -> Result<CloudConfig, CloudConfigError> {
         ),
         None => None,
     };
+    let commands = match &file.commands.schema {
+        Some(schema) => {
+            Some(
+                Schema::load(&at(schema)).map_err(|source| CloudConfigError::Commands {
+                    path: err_path.clone(),
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
     let settings = CloudSettings {
         broker,
         tls,
@@ -287,5 +320,6 @@ pub fn load(path: &Path) -> Result<CloudConfig, CloudConfigError> {
             .sink
             .postgres
             .map_or(SinkChoice::Jsonl, |url| SinkChoice::Postgres { url }),
+        commands,
     })
 }

@@ -7,11 +7,15 @@
 //! checkpoint; only then may the broker get its acknowledgements and devices their
 //! receipts.
 //!
+//! A JSON uplink with a `command_result` (a device's answer to a command, see
+//! `crate::commands`) is stored like any other and, once accepted, counted by outcome
+//! and logged (rate-limited per outcome).
+//!
 //! With the PostgreSQL sink the replay rule moves into the batch's transaction (the
 //! table is the replay state, shared by several instances): an envelope that passed
 //! every other check is [`Outcome::Pending`] until [`Ingest::commit`] resolves it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use e3::{Header, Kind, ReceiptEntry, Verdict};
 
@@ -22,6 +26,7 @@ use super::postgres::PostgresSink;
 use super::registry::Registry;
 use super::replay::ReplayStore;
 use super::sink::{JsonlSink, SinkLine};
+use crate::commands::{CommandOutcome, CommandResult, quote, quote_up_to};
 use crate::keys::KeyStore;
 use crate::log_limit::LogLimiter;
 use crate::payload::{Content, decode};
@@ -93,7 +98,10 @@ pub struct Ingest {
     metrics: CloudMetrics,
     /// Downlink seqs reserved (persisted) per device and not used yet: one fsync per
     /// block instead of one per receipt.
-    seq_blocks: std::collections::HashMap<String, std::ops::Range<u64>>,
+    seq_blocks: HashMap<String, std::ops::Range<u64>>,
+    /// Command results stored in the current batch, counted once their envelope is
+    /// accepted (a duplicate is not counted again); cleared at each commit.
+    command_results: HashMap<(String, u64), CommandResult>,
     log: LogLimiter,
 }
 
@@ -119,7 +127,8 @@ impl Ingest {
             up_topic,
             max_envelope,
             metrics,
-            seq_blocks: std::collections::HashMap::new(),
+            seq_blocks: HashMap::new(),
+            command_results: HashMap::new(),
             log: LogLimiter::new(std::time::Duration::from_secs(10)),
         }
     }
@@ -146,8 +155,9 @@ impl Ingest {
     /// Counts a final outcome, and logs a refusal (rate-limited per reason).
     fn count(&mut self, outcome: &Outcome, topic: &str, bytes: Option<usize>) {
         let reason = match outcome {
-            Outcome::Accepted(_) => {
+            Outcome::Accepted(route) => {
                 self.metrics.accepted.inc();
+                self.count_command_result(route);
                 return;
             }
             Outcome::Pending(_) => return,
@@ -163,6 +173,32 @@ impl Ingest {
                 suppressed,
                 "envelope not delivered"
             );
+        }
+    }
+
+    /// Counts and logs (rate-limited per outcome) the command result `route` carried,
+    /// if it carried one.
+    fn count_command_result(&mut self, route: &Route) {
+        let key = (route.device.clone(), route.entry.seq);
+        let Some(result) = self.command_results.remove(&key) else {
+            return;
+        };
+        let outcome = result.result;
+        self.metrics.command_result(outcome);
+        let reason = match outcome {
+            CommandOutcome::Executed => "command_executed",
+            CommandOutcome::Refused => "command_refused",
+        };
+        if let Some(suppressed) = self.log.check(reason) {
+            let (cmd, message) = (quote(&result.cmd), quote_up_to(&result.message, 256));
+            match outcome {
+                CommandOutcome::Executed => {
+                    tracing::info!(device = %route.device, command_seq = result.seq, cmd, suppressed, "device executed a command")
+                }
+                CommandOutcome::Refused => {
+                    tracing::warn!(device = %route.device, command_seq = result.seq, cmd, message, suppressed, "device refused a command")
+                }
+            }
         }
     }
 
@@ -242,7 +278,13 @@ impl Ingest {
             image_chunk: None,
         };
         match decode(plaintext) {
-            Ok(Content::Json(value)) => line.json = Some(value),
+            Ok(Content::Json(value)) => {
+                if let Some(result) = CommandResult::from_uplink(&value) {
+                    self.command_results
+                        .insert((route.device.clone(), route.entry.seq), result);
+                }
+                line.json = Some(value);
+            }
             Ok(Content::Image(chunk)) => {
                 line.image_chunk = Some((chunk.image_id, chunk.index, chunk.count));
                 match self.images.add(&route.device, &chunk) {
@@ -289,6 +331,7 @@ impl Ingest {
     ) -> Result<(), CloudError> {
         let verdicts = match &mut self.sink {
             Sink::Jsonl { sink, replay } => {
+                self.command_results.clear();
                 let offset = sink.commit()?;
                 if let Err(err) = replay.checkpoint(offset) {
                     // The sink is durable; a stale checkpoint only means a longer catch-up.
@@ -305,6 +348,7 @@ impl Ingest {
         for (outcome, verdict) in pending.zip(verdicts) {
             self.resolve(outcome, verdict);
         }
+        self.command_results.clear();
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The cloud ingest's Prometheus metrics; label values from closed enums only.
 
+use crate::commands::CommandOutcome;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Why the ingest did not deliver an envelope.
@@ -105,6 +106,8 @@ pub struct CloudMetrics {
     pub images_completed: IntCounter,
     /// 1 while the ingest is connected and its subscription is acknowledged.
     pub subscribed: IntGauge,
+    /// Command results devices sent back, by `result` (`executed`, `refused`).
+    pub command_results: IntCounterVec,
 }
 
 impl CloudMetrics {
@@ -137,6 +140,20 @@ impl CloudMetrics {
         for reason in CloudRejection::ALL {
             rejected.with_label_values(&[reason.as_str()]);
         }
+        let command_results = IntCounterVec::new(
+            Opts::new(
+                "command_results_total",
+                "Command results sent back by devices, by result (executed, refused).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(command_results.clone()))
+            .expect("registered once");
+        for outcome in CommandOutcome::ALL {
+            command_results.with_label_values(&[outcome.as_str()]);
+        }
         Self {
             accepted: counter(
                 "accepted_total",
@@ -159,6 +176,7 @@ impl CloudMetrics {
                 g
             },
             rejected,
+            command_results,
             registry,
         }
     }
@@ -178,6 +196,20 @@ impl CloudMetrics {
         })
         .await
         .is_ok()
+    }
+
+    /// Counts one command result.
+    pub fn command_result(&self, outcome: CommandOutcome) {
+        self.command_results
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
+    /// Command results counted with `outcome`.
+    pub fn command_results(&self, outcome: CommandOutcome) -> u64 {
+        self.command_results
+            .with_label_values(&[outcome.as_str()])
+            .get()
     }
 
     /// Rejections counted for `reason`.

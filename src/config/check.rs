@@ -33,7 +33,10 @@
 //! [`check_config_file`] also accepts a cloud ingest config (a file with a `[broker]`
 //! section, see [`crate::cloud::config`]): its own loader's verdict plus the same
 //! file, certificate and key checks for `broker.ca/cert/key`, the state directories,
-//! the registry and `metrics.listen`.
+//! the registry, the command schema (`commands.schema`, each of its problems quoted
+//! with its own `file:line:column`) and `metrics.listen`. A command schema checked by
+//! itself (a file with `[types...]` or `[device_types]`) gets its problems at their
+//! own line and column.
 
 use std::error::Error as StdError;
 use std::fmt::Write as _;
@@ -111,6 +114,9 @@ pub enum ConfigKind {
     Gateway,
     /// `blindgate cloud run` (the file has a `[broker]` section).
     CloudIngest,
+    /// A command schema (the file has a `[types...]` or `[device_types]` section and
+    /// neither `[broker]` nor `[gateway]`).
+    CommandSchema,
 }
 
 /// Everything [`check_config_file`] found.
@@ -152,6 +158,7 @@ pub fn check_config_file(path: &Path, ports: PortCheck) -> Result<CheckReport, C
             ConfigKind::CloudIngest,
             check_cloud_ingest(&text, document.get_ref(), path, ports),
         ),
+        None if is_command_schema(&text) => (ConfigKind::CommandSchema, check_schema(&text)),
         None => (
             ConfigKind::Gateway,
             check_gateway_text(&text, path, ports).1,
@@ -194,6 +201,7 @@ pub fn check_command(path: &Path, ports: PortCheck) -> u8 {
     let kind = match report.kind {
         ConfigKind::Gateway => "gateway config",
         ConfigKind::CloudIngest => "cloud ingest config",
+        ConfigKind::CommandSchema => "command schema",
     };
     let ports_note = match ports {
         PortCheck::Bind => "",
@@ -1115,6 +1123,11 @@ fn check_cloud_ingest(
         let problem = Problem::new(format!("{err}: {}", cause_chain(&err)));
         env.error("store.registry", problem);
     }
+    if let Some(schema) = at("commands.schema")
+        && let Some(bytes) = env.read("commands.schema", &schema)
+    {
+        env.command_schema("commands.schema", &schema, &bytes);
+    }
     if ports == PortCheck::Bind
         && let Some(listen) = value("metrics.listen")
     {
@@ -1138,6 +1151,22 @@ fn check_cloud_ingest(
 }
 
 impl Env<'_> {
+    /// Each problem of the command schema `file` (read into `text`) as an error at
+    /// `key`, quoting the schema's own `file:line:column`.
+    fn command_schema(&mut self, key: &str, file: &Path, bytes: &[u8]) {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            let problem = Problem::new(format!("{} is not UTF-8 text", file.display()));
+            self.error(key, problem);
+            return;
+        };
+        if let Err(problems) = crate::commands::Schema::parse(text) {
+            for problem in problems {
+                let message = format!("{}:{problem}", file.display());
+                self.error(key, Problem::new(message).hint("docs/COMMANDS.md"));
+            }
+        }
+    }
+
     /// The key store is a secret: nobody but its owner may enter it.
     fn secret_dir(&mut self, key: &str, dir: &Path) {
         let Ok(meta) = fs::metadata(dir) else {
@@ -1177,6 +1206,37 @@ impl Env<'_> {
     }
 }
 
+/// A command schema file: top-level `types` or `device_types`, and no `gateway`.
+fn is_command_schema(text: &str) -> bool {
+    DeTable::parse(text).is_ok_and(|document| {
+        let has = |name: &str| {
+            document
+                .get_ref()
+                .iter()
+                .any(|(section, _)| section.get_ref() == name)
+        };
+        (has("types") || has("device_types")) && !has("gateway")
+    })
+}
+
+/// Every problem of a command schema, at its own line and column.
+fn check_schema(text: &str) -> Vec<Diagnostic> {
+    let Err(problems) = crate::commands::Schema::parse(text) else {
+        return Vec::new();
+    };
+    problems
+        .into_iter()
+        .map(|problem| Diagnostic {
+            line: problem.line,
+            column: problem.column,
+            key: problem.key,
+            message: problem.message,
+            hint: None,
+            severity: Severity::Error,
+        })
+        .collect()
+}
+
 /// The cloud loader's own complaint, unless the checks above already explain it.
 fn loader_diagnostic(
     err: &crate::cloud::config::CloudConfigError,
@@ -1210,7 +1270,7 @@ fn loader_diagnostic(
             format!("{source}: {}", cause_chain(source.as_ref())),
             None,
         )),
-        E::Tls { .. } | E::Registry { .. } => None,
+        E::Tls { .. } | E::Registry { .. } | E::Commands { .. } => None,
         other => Some(diagnostic(
             "",
             format!("{other}: {}", cause_chain(other)),

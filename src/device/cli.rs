@@ -16,6 +16,7 @@ use super::{
     DEFAULT_IMAGE_SIZE, DEFAULT_MAX_ENVELOPE, DeviceConfig, DeviceError, DeviceReport,
     MIXED_IMAGE_EVERY, PayloadKind, run_device,
 };
+use crate::commands::{Schema, TypeCommands};
 use crate::config::units::parse_duration;
 use crate::logging::{self, LogFormat};
 use crate::shutdown;
@@ -83,6 +84,15 @@ pub struct SimulateArgs {
     /// Resend an uplink no receipt named after this long (e.g. "10s", "500ms").
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     resend_after: Duration,
+    /// The command schema (docs/COMMANDS.md): each device checks every command
+    /// against its type's list, executes only allowed ones and sends back a sealed
+    /// result. Without it no command but `rekey` is executed.
+    #[arg(long, value_name = "FILE")]
+    commands: Option<PathBuf>,
+    /// The devices' type in the command schema (default: each device's entry under
+    /// [device_types]).
+    #[arg(long, value_name = "TYPE", requires = "commands")]
+    device_type: Option<String>,
 }
 
 /// What `device simulate` sends.
@@ -108,6 +118,17 @@ pub enum DeviceCliError {
         /// Why it did not resolve.
         #[source]
         source: std::io::Error,
+    },
+    /// The command schema is unusable.
+    #[error("command schema")]
+    Commands(#[source] crate::commands::SchemaError),
+    /// A device has no type in the command schema, or its type is not in it.
+    #[error("device {device}: {why} in the command schema")]
+    DeviceType {
+        /// The device.
+        device: String,
+        /// What is missing.
+        why: String,
     },
     /// The async runtime could not be started.
     #[error("cannot start the async runtime")]
@@ -164,26 +185,52 @@ impl SimulateArgs {
     fn device_configs(&self) -> Result<Vec<DeviceConfig>, DeviceCliError> {
         let gateway = resolve(&self.gateway)?;
         let devices_dir = self.certs_dir.join("devices");
+        let schema = match &self.commands {
+            Some(path) => Some(Schema::load(path).map_err(DeviceCliError::Commands)?),
+            None => None,
+        };
+        let allowed = |id: &str| -> Result<Option<TypeCommands>, DeviceCliError> {
+            let Some(schema) = &schema else {
+                return Ok(None);
+            };
+            let missing = |why: String| DeviceCliError::DeviceType {
+                device: id.to_owned(),
+                why,
+            };
+            let device_type = match &self.device_type {
+                Some(device_type) => device_type.as_str(),
+                None => schema
+                    .device_type(id)
+                    .ok_or_else(|| missing("no entry under [device_types]".into()))?,
+            };
+            let commands = schema
+                .type_commands(device_type)
+                .ok_or_else(|| missing(format!("type `{device_type}` is not defined")))?;
+            Ok(Some(commands.clone()))
+        };
         let configs = self
             .device_ids()
             .into_iter()
-            .map(|id| DeviceConfig {
-                cert: devices_dir.join(format!("{id}.pem")),
-                key: devices_dir.join(format!("{id}.key")),
-                ca: self.ca.clone(),
-                initial_key_file: self.keys_dir.join(format!("{id}.key")),
-                gateway,
-                server_name: self.server_name.clone(),
-                state_dir: self.state_dir.clone(),
-                rate_per_sec: self.rate,
-                payload: self.payload_kind(),
-                compress: self.compress,
-                max_envelope: self.max_envelope,
-                resend_after: self.resend_after,
-                count: self.count,
-                device_id: id,
+            .map(|id| {
+                Ok(DeviceConfig {
+                    commands: allowed(&id)?,
+                    cert: devices_dir.join(format!("{id}.pem")),
+                    key: devices_dir.join(format!("{id}.key")),
+                    ca: self.ca.clone(),
+                    initial_key_file: self.keys_dir.join(format!("{id}.key")),
+                    gateway,
+                    server_name: self.server_name.clone(),
+                    state_dir: self.state_dir.clone(),
+                    rate_per_sec: self.rate,
+                    payload: self.payload_kind(),
+                    compress: self.compress,
+                    max_envelope: self.max_envelope,
+                    resend_after: self.resend_after,
+                    count: self.count,
+                    device_id: id,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, DeviceCliError>>()?;
         Ok(configs)
     }
 }
@@ -238,13 +285,15 @@ async fn simulate(configs: Vec<DeviceConfig>) -> Result<(), DeviceCliError> {
 
 fn summary(device: &str, r: &DeviceReport) -> String {
     format!(
-        "{device}: sent {}, resent {}, receipted {}, outbox {}, commands {}, rekeys {}, \
-         replays rejected {}, invalid downlink {}",
+        "{device}: sent {}, resent {}, receipted {}, outbox {}, commands {} (executed {}, \
+         refused {}), rekeys {}, replays rejected {}, invalid downlink {}",
         r.sent,
         r.resent,
         r.receipted,
         r.outbox_left,
         r.commands,
+        r.commands_executed,
+        r.commands_refused,
         r.rekeys,
         r.replays_rejected,
         r.downlink_invalid
@@ -319,5 +368,52 @@ mod tests {
         assert_eq!(args.device_ids(), ["pump-17", "cam-1"]);
         assert!(args.compress);
         assert_eq!(args.payload_kind(), PayloadKind::Readings);
+    }
+
+    #[test]
+    fn commands_give_each_device_its_types_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schema = dir.path().join("commands.toml");
+        std::fs::write(
+            &schema,
+            "[device_types]\nthermostat-1 = \"thermostat\"\n[types.thermostat.reboot]\n",
+        )
+        .expect("schema written");
+        let schema = schema.to_str().expect("UTF-8 path");
+        let configs = parse(&["--device", "thermostat-1", "--commands", schema])
+            .device_configs()
+            .expect("configs");
+        let allowed = configs[0].commands.as_ref().expect("an allowlist");
+        assert_eq!(allowed.device_type, "thermostat");
+        assert!(allowed.commands.contains_key("reboot"));
+        let untyped = parse(&["--device", "pump-17", "--commands", schema]).device_configs();
+        assert!(
+            matches!(untyped, Err(DeviceCliError::DeviceType { ref device, .. }) if device == "pump-17")
+        );
+        let forced = parse(&[
+            "--device",
+            "pump-17",
+            "--commands",
+            schema,
+            "--device-type",
+            "thermostat",
+        ])
+        .device_configs()
+        .expect("configs");
+        assert!(forced[0].commands.is_some());
+        let unknown = parse(&[
+            "--device",
+            "x",
+            "--commands",
+            schema,
+            "--device-type",
+            "pump",
+        ]);
+        assert!(unknown.device_configs().is_err());
+        assert!(
+            parse(&["--device", "x"]).device_configs().expect("configs")[0]
+                .commands
+                .is_none()
+        );
     }
 }

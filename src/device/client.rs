@@ -40,6 +40,8 @@ use super::payload::{ImageChunks, Message, Producer, Rng};
 use super::state::DeviceState;
 use super::{DeviceConfig, DeviceError, DeviceReport};
 use crate::clock::now_ms;
+use crate::commands::{CommandOutcome, RESERVED_COMMAND};
+use crate::log_limit::LogLimiter;
 use crate::tls::{CipherOrder, TlsError, UplinkTlsOptions, client_config_for_server_name};
 
 /// Requests rumqttc buffers; when full, the send queue waits for the next event.
@@ -336,6 +338,7 @@ pub(super) async fn run(
         report: DeviceReport::default(),
         made: 0,
         paused: false,
+        log: LogLimiter::new(Duration::from_secs(10)),
     };
     let result = device.run(&shutdown).await;
     let mut report = device.report;
@@ -356,6 +359,8 @@ struct Device {
     made: u64,
     /// New messages are paused because the outbox is at its limit.
     paused: bool,
+    /// Refused commands are logged at most once per 10 s.
+    log: LogLimiter,
 }
 
 impl Device {
@@ -515,7 +520,7 @@ impl Device {
         }
         match kind {
             Kind::Receipt => self.on_receipt(&plaintext).await?,
-            _ => self.on_command(&plaintext).await?,
+            _ => self.on_command(seq, &plaintext).await?,
         }
         Ok(self.state.accept_downlink(seq).await?)
     }
@@ -554,18 +559,43 @@ impl Device {
         Ok(())
     }
 
-    async fn on_command(&mut self, plaintext: &[u8]) -> Result<(), DeviceError> {
+    /// `rekey` by its own rules; any other command, with an allowlist, checked and
+    /// answered with a sealed result uplink (executed only if allowed); without one,
+    /// logged and not executed.
+    async fn on_command(&mut self, seq: u64, plaintext: &[u8]) -> Result<(), DeviceError> {
         self.report.commands += 1;
-        let Ok(command) = serde_json::from_slice::<CommandJson>(plaintext) else {
-            self.report.downlink_invalid += 1;
-            warn!(device = %self.config.device_id, "command is not a JSON object with a cmd string; ignored");
-            return Ok(());
-        };
-        if command.cmd == "rekey" {
+        let command = serde_json::from_slice::<CommandJson>(plaintext).ok();
+        if command.as_ref().is_some_and(|c| c.cmd == RESERVED_COMMAND) {
             return self.rekey(plaintext).await;
         }
-        info!(device = %self.config.device_id, cmd = %printable(&command.cmd), "command received");
-        Ok(())
+        let Some(allowed) = &self.config.commands else {
+            match command {
+                Some(command) => {
+                    info!(device = %self.config.device_id, cmd = %printable(&command.cmd), "command received (no allowlist: not executed)");
+                }
+                None => {
+                    self.report.downlink_invalid += 1;
+                    warn!(device = %self.config.device_id, "command is not a JSON object with a cmd string; ignored");
+                }
+            }
+            return Ok(());
+        };
+        let result = super::command::decide(allowed, seq, plaintext);
+        match result.result {
+            CommandOutcome::Executed => {
+                self.report.commands_executed += 1;
+                info!(device = %self.config.device_id, seq, cmd = %result.cmd, "command executed");
+            }
+            CommandOutcome::Refused => {
+                self.report.commands_refused += 1;
+                if let Some(suppressed) = self.log.check("command_refused") {
+                    warn!(device = %self.config.device_id, seq, cmd = %result.cmd, message = %result.message, suppressed, "command refused, not executed");
+                }
+            }
+        }
+        let uplink = result.to_plaintext(&self.config.device_id, now_ms());
+        let result_seq = self.state.next_seq().await?;
+        self.store(result_seq, &uplink).await
     }
 
     /// Stores the new key and seals everything new with it; old keys stay for downlink

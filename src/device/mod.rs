@@ -5,7 +5,9 @@
 //! own certificate), seals every message with its current E3 key, keeps each sealed
 //! uplink in a durable outbox until a receipt from the cloud names it (a PUBACK only
 //! covers one hop), resends what no receipt named after `resend_after`, and obeys
-//! commands (`rekey`). Its seq counter, keys, replay window and outbox survive restarts.
+//! commands (`rekey`, and with an allowlist the commands its type allows, answering
+//! each with a sealed result). Its seq counter, keys, replay window and outbox
+//! survive restarts.
 //!
 //! The public interface is:
 //!
@@ -18,9 +20,11 @@
 //! - `state`: the state directory (`state.json`, `keys/`, `outbox/`), atomic and fsync'd.
 //! - `payload`: readings (JSON, `BGZ1`), pseudo-JPEG images in `BGIMG1` chunks.
 //! - `client`: the MQTT connection, sending and resending, receipts and commands.
+//! - `command`: the allowlist check of a command and the result sent back up.
 
 pub mod cli;
 mod client;
+mod command;
 mod payload;
 mod state;
 
@@ -35,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 pub use payload::{COMPRESSED_MAGIC, IMAGE_CHUNK_HEADER, IMAGE_MAGIC, PayloadError};
 pub use state::{SEQ_BLOCK, StateError};
 
+use crate::commands::TypeCommands;
 use crate::tls::TlsError;
 
 /// Default size of a camera image: about a field camera's JPEG.
@@ -117,6 +122,11 @@ pub struct DeviceConfig {
     /// Stop after this many new messages, once all of them (and anything older in the
     /// outbox) are receipted. `None` (the default) runs until shutdown.
     pub count: Option<u64>,
+    /// The commands this device's type allows (from the command schema). With it,
+    /// every command but `rekey` is checked, executed only if allowed, and answered
+    /// with a sealed result uplink (executed or refused). `None` (the default): no
+    /// command but `rekey` is executed and none is answered.
+    pub commands: Option<TypeCommands>,
 }
 
 impl DeviceConfig {
@@ -145,6 +155,7 @@ impl DeviceConfig {
             max_envelope: DEFAULT_MAX_ENVELOPE,
             resend_after: DEFAULT_RESEND_AFTER,
             count: None,
+            commands: None,
         }
     }
 
@@ -197,6 +208,10 @@ pub struct DeviceReport {
     pub commands: u64,
     /// Key switches done by `rekey` commands.
     pub rekeys: u64,
+    /// Commands the allowlist let through and the device executed.
+    pub commands_executed: u64,
+    /// Commands the allowlist refused (never executed); each answered with a result.
+    pub commands_refused: u64,
     /// Commands and receipts dropped by the replay rule (duplicate or stale).
     pub replays_rejected: u64,
     /// Downlink messages that did not open, were not for this device, or were malformed.
