@@ -499,3 +499,86 @@ async fn the_plain_listener_takes_the_client_id_as_identity_and_keeps_the_same_r
     );
     stop.cancel();
 }
+
+/// While the queue pushes back, the session reads nothing from the device, so the
+/// device's PINGREQs wait in the socket: that silence is the gateway's doing and must
+/// not count against the device's keep-alive. (The gateway used to close such a
+/// device after 1.5 x its keep-alive.)
+#[tokio::test]
+async fn a_device_held_by_a_full_queue_is_not_dropped_for_keep_alive() {
+    let gw = start_with(&["pump-17"], |_, queue| {
+        queue.max_bytes = 2000;
+        queue.device_quota = 2000;
+    })
+    .await;
+    let (_, paths) = gw
+        .pki
+        .devices
+        .iter()
+        .find(|(id, _)| id == "pump-17")
+        .expect("device in PKI");
+    let tls = common::client_tls(&gw.pki.device_ca.cert, &paths.cert, &paths.key);
+    let mut options = rumqttc::MqttOptions::new("pump-17", "localhost", gw.port);
+    options.set_keep_alive(Duration::from_secs(1));
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
+    let key = common::device_key("pump-17", 1);
+    let envelopes: Vec<Vec<u8>> = (1..=30u64)
+        .map(|seq| key.seal(e3::Kind::Uplink, seq, b"21.5 C").expect("seal"))
+        .collect();
+    tokio::spawn(async move {
+        for envelope in envelopes {
+            if client
+                .publish("e3/pump-17/up", QoS::AtLeastOnce, false, envelope)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    // Held for 4 s, well past 1.5 x the 1 s keep-alive.
+    let mut acks = 0;
+    let mut connacks = 0;
+    let mut errors = 0;
+    let held_until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while let Ok(event) = tokio::time::timeout_at(held_until, eventloop.poll()).await {
+        match event {
+            Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
+            Ok(Event::Incoming(Packet::ConnAck(_))) => connacks += 1,
+            Err(_) => {
+                errors += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(_) => {}
+        }
+    }
+    assert!(acks < 30, "the queue cannot hold 30");
+    assert!(
+        gw.rejected(Rejection::QueueFull) >= 1,
+        "the queue pushed back"
+    );
+    assert_eq!(
+        (connacks, errors),
+        (1, 0),
+        "one connection throughout, never closed"
+    );
+    // Room again: the same connection gets the rest of its PUBACKs.
+    while acks < 30 {
+        for record in gw.queue.read_device("pump-17", None, 100).expect("read") {
+            gw.queue.ack("pump-17", record.id).expect("ack");
+        }
+        let settle = tokio::time::Instant::now() + Duration::from_millis(1500);
+        while let Ok(event) = tokio::time::timeout_at(settle, eventloop.poll()).await {
+            match event {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
+                Ok(Event::Incoming(Packet::ConnAck(_))) => connacks += 1,
+                Err(err) => panic!("the connection broke: {err}"),
+                Ok(_) => {}
+            }
+        }
+    }
+    assert_eq!(connacks, 1, "still the first connection");
+}

@@ -10,6 +10,7 @@
 //! - `validate`: the E3 header checks a keyless gateway can make.
 //! - `websocket`: the WebSocket upgrade and the message-to-byte-stream adapter.
 
+mod held;
 pub mod registry;
 mod session;
 pub mod validate;

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
+use super::held::{Held, HeldPublish};
 use super::validate::check_uplink;
 use super::{Identity, Shared};
 use crate::metrics::Rejection;
@@ -163,16 +164,8 @@ struct Session {
     bucket: TokenBucket,
     keep_alive: Duration,
     last_seen: Instant,
-    /// A valid publish the queue could not take yet; nothing after it is read until it
-    /// is taken, so records keep the order the device sent them in.
-    blocked: Option<Blocked>,
-}
-
-/// A publish waiting for room in the queue.
-struct Blocked {
-    publish: Publish,
-    retry_at: Instant,
-    delay: Duration,
+    /// Publishes the queue could not take yet, in arrival order (see `held`).
+    held: Held,
 }
 
 /// What the packet handler wants next.
@@ -197,7 +190,7 @@ impl Session {
             next_pkid: 0,
             keep_alive,
             last_seen: Instant::now(),
-            blocked: None,
+            held: Held::new(),
             shared,
         }
     }
@@ -209,8 +202,8 @@ impl Session {
     ) {
         let max_inflight = self.shared.settings.max_inflight.max(1);
         loop {
-            self.retry_blocked();
-            while self.blocked.is_none() && self.pending.len() < max_inflight {
+            self.pump_held();
+            while self.can_read(max_inflight) {
                 match conn.try_parse() {
                     Ok(Some(packet)) => {
                         self.last_seen = Instant::now();
@@ -234,8 +227,13 @@ impl Session {
             if conn.flush().await.is_err() {
                 return;
             }
-            let can_read = self.blocked.is_none() && self.pending.len() < max_inflight;
-            let retry_at = self.blocked.as_ref().map(|b| b.retry_at);
+            let can_read = self.can_read(max_inflight);
+            if !can_read {
+                // Not reading is our doing (the queue pushes back): the device's PINGREQs
+                // wait in the socket, so its keep-alive clock does not run meanwhile.
+                self.last_seen = Instant::now();
+            }
+            let retry_at = self.held.retry_at();
             let can_send = self.subscribed && self.downlink_out.len() < DOWNLINK_INFLIGHT;
             let idle_deadline = self.last_seen + self.keep_alive;
             tokio::select! {
@@ -261,7 +259,7 @@ impl Session {
                     self.send_downlink(conn, message);
                 }
                 () = sleep_until(retry_at.unwrap_or(idle_deadline)), if retry_at.is_some() => {}
-                () = sleep_until(idle_deadline), if !self.keep_alive.is_zero() => {
+                () = sleep_until(idle_deadline), if can_read && !self.keep_alive.is_zero() => {
                     tracing::info!(device = %self.device, "keep-alive expired; closing");
                     return;
                 }
@@ -388,67 +386,74 @@ impl Session {
         if let Err(reason) = check_uplink(&self.device, &publish.payload, max) {
             self.shared
                 .reject(reason, "envelope refused; acknowledged and dropped");
-            self.pending
-                .push_back(Box::pin(async move { (pkid, qos, Outcome::Refused) }));
-            return Next::Continue;
+            // Its PUBACK waits for those of the publishes held before it.
+            self.held.push(HeldPublish::Refused { pkid, qos });
+        } else {
+            self.held.push(HeldPublish::Store(publish));
         }
-        self.blocked = Some(Blocked {
-            publish,
-            retry_at: Instant::now(),
-            delay: Duration::from_millis(50),
-        });
-        self.retry_blocked();
+        self.pump_held();
         Next::Continue
     }
 
-    /// Tries to hand the blocked publish to the queue, in order, without waiting. On
-    /// success its durability is awaited among the pending writes; otherwise it stays
-    /// blocked and the next try is scheduled with a growing delay (the device gets no
-    /// PUBACK meanwhile and keeps its data).
-    fn retry_blocked(&mut self) {
-        let Some(blocked) = self.blocked.as_mut() else {
-            return;
-        };
-        if blocked.retry_at > Instant::now() {
-            return;
-        }
-        let payload = &blocked.publish.payload;
-        let size = u32::try_from(payload.len()).unwrap_or(u32::MAX).max(1);
-        let permit = Arc::clone(&self.shared.inflight_bytes).try_acquire_many_owned(size);
-        let submitted = match permit {
-            Ok(permit) => self
-                .shared
-                .queue
-                .submit(&self.device, payload)
-                .map(|write| (write, permit)),
-            Err(_) => Err(EnqueueError::Busy),
-        };
-        match submitted {
-            Ok((write, permit)) => {
-                let (pkid, qos) = (blocked.publish.pkid, blocked.publish.qos);
-                self.blocked = None;
-                self.pending.push_back(Box::pin(async move {
-                    let outcome = match write.durable().await {
-                        Ok(_) => Outcome::Durable,
-                        Err(_) => Outcome::Abandoned,
+    /// True while the session may read another packet: the in-flight window has room
+    /// and the held publishes are within their byte bound.
+    fn can_read(&self, max_inflight: usize) -> bool {
+        self.pending.len() + self.held.len() < max_inflight && self.held.has_room()
+    }
+
+    /// Hands the held publishes to the queue, in order, without waiting, until the
+    /// queue refuses one. Their durability is awaited among the pending writes; a
+    /// refused one stays first and the next try is scheduled with a growing pause (the
+    /// device gets no PUBACK for it meanwhile and keeps its data).
+    fn pump_held(&mut self) {
+        while let Some(front) = self.held.due_front(Instant::now()) {
+            let (pkid, qos, submitted) = match front {
+                HeldPublish::Refused { pkid, qos } => (*pkid, *qos, None),
+                HeldPublish::Store(publish) => {
+                    let payload = &publish.payload;
+                    let size = u32::try_from(payload.len()).unwrap_or(u32::MAX).max(1);
+                    let permit =
+                        Arc::clone(&self.shared.inflight_bytes).try_acquire_many_owned(size);
+                    let submitted = match permit {
+                        Ok(permit) => self
+                            .shared
+                            .queue
+                            .submit(&self.device, payload)
+                            .map(|write| (write, permit)),
+                        Err(_) => Err(EnqueueError::Busy),
                     };
-                    drop(permit);
-                    (pkid, qos, outcome)
-                }));
-            }
-            Err(err) => {
-                if !matches!(err, EnqueueError::Busy | EnqueueError::Closed)
-                    && blocked.delay <= Duration::from_millis(50)
-                {
-                    self.shared.metrics.reject(Rejection::QueueFull);
+                    (publish.pkid, publish.qos, Some(submitted))
                 }
-                if self.shared.log.check(err.reason()).is_some()
-                    && !matches!(err, EnqueueError::Busy)
-                {
-                    tracing::warn!(reason = err.reason(), error = %err, "queue refused a record; holding the PUBACK until it has room");
+            };
+            match submitted {
+                None => {
+                    self.held.pop_front();
+                    self.pending
+                        .push_back(Box::pin(async move { (pkid, qos, Outcome::Refused) }));
                 }
-                blocked.retry_at = Instant::now() + blocked.delay;
-                blocked.delay = (blocked.delay * 2).min(Duration::from_secs(2));
+                Some(Ok((write, permit))) => {
+                    self.held.pop_front();
+                    self.pending.push_back(Box::pin(async move {
+                        let outcome = match write.durable().await {
+                            Ok(_) => Outcome::Durable,
+                            Err(_) => Outcome::Abandoned,
+                        };
+                        drop(permit);
+                        (pkid, qos, outcome)
+                    }));
+                }
+                Some(Err(err)) => {
+                    let first = self.held.refused(Instant::now());
+                    if first && !matches!(err, EnqueueError::Busy | EnqueueError::Closed) {
+                        self.shared.metrics.reject(Rejection::QueueFull);
+                    }
+                    if self.shared.log.check(err.reason()).is_some()
+                        && !matches!(err, EnqueueError::Busy)
+                    {
+                        tracing::warn!(reason = err.reason(), error = %err, "queue refused a record; holding the PUBACK until it has room");
+                    }
+                    return;
+                }
             }
         }
     }
