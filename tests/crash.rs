@@ -62,6 +62,7 @@ use blindgate::cloud::{CloudMetrics, CloudRejection, CloudSettings};
 use blindgate::keys::KeyStore;
 use blindgate::pki::DevPki;
 use common::cloud_subscriber::CloudSubscriber;
+use common::gateway_config::GatewayConfig;
 use common::mosquitto::{MOSQUITTO, require_mosquitto};
 use rumqttc::{Event, Outgoing, Packet, QoS};
 use tokio_util::sync::CancellationToken;
@@ -254,47 +255,10 @@ impl GatewayFiles {
     fn write(dir: &Path, pki: &DevPki, cloud_port: u16) -> Self {
         let device_port = common::free_port();
         let metrics_port = common::free_port();
-        let p = |p: &Path| p.display().to_string();
-        let text = format!(
-            r#"[gateway]
-id = "gw-1"
-data_dir = "{data}"
-
-[devices]
-listen = "127.0.0.1:{device_port}"
-ca = "{dca}"
-cert = "{dcert}"
-key = "{dkey}"
-max_inflight_per_device = {WINDOW}
-
-[queue]
-min_free_disk = "0B"
-
-[cloud]
-endpoints = ["mqtts://localhost:{cloud_port}"]
-ca = "{cca}"
-cert = "{ccert}"
-key = "{ckey}"
-backoff_min = "100ms"
-backoff_max = "500ms"
-keep_alive = "5s"
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-[log]
-level = "info"
-"#,
-            data = p(&dir.join("data")),
-            dca = p(&pki.device_ca.cert),
-            dcert = p(&pki.gateway_devices.cert),
-            dkey = p(&pki.gateway_devices.key),
-            cca = p(&pki.cloud_ca.cert),
-            ccert = p(&pki.gateway_client.cert),
-            ckey = p(&pki.gateway_client.key),
-        );
-        let config = dir.join("gateway.toml");
-        std::fs::write(&config, text).expect("gateway.toml");
+        let config = GatewayConfig::new(&dir.join("data"), pki, device_port, cloud_port)
+            .set("devices", "max_inflight_per_device", WINDOW)
+            .metrics_port(metrics_port)
+            .write(&dir.join("gateway.toml"));
         Self {
             config,
             log: dir.join("gateway.log"),

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use blindgate::pki::DevPki;
 use common::cloud_subscriber::CloudSubscriber;
+use common::gateway_config::GatewayConfig;
 use common::mosquitto::{TlsMode, require_mosquitto, start_cloud_broker};
 use common::proxy::Proxy;
 use rumqttc::{Event, Packet, QoS};
@@ -19,47 +20,8 @@ use rumqttc::{Event, Packet, QoS};
 const DEVICE: &str = "pump-17";
 
 fn write_config(dir: &Path, pki: &DevPki, device_port: u16, cloud_port: u16) -> PathBuf {
-    let path = dir.join("gateway.toml");
-    let p = |p: &Path| p.display().to_string();
-    let text = format!(
-        r#"[gateway]
-id = "gw-1"
-data_dir = "{data}"
-
-[devices]
-listen = "127.0.0.1:{device_port}"
-ca = "{dca}"
-cert = "{dcert}"
-key = "{dkey}"
-
-[cloud]
-endpoints = ["mqtts://localhost:{cloud_port}"]
-ca = "{cca}"
-cert = "{ccert}"
-key = "{ckey}"
-backoff_min = "100ms"
-backoff_max = "500ms"
-keep_alive = "5s"
-
-[queue]
-min_free_disk = "0B"
-
-[metrics]
-listen = ""
-
-[log]
-level = "info"
-"#,
-        data = p(&dir.join("data")),
-        dca = p(&pki.device_ca.cert),
-        dcert = p(&pki.gateway_devices.cert),
-        dkey = p(&pki.gateway_devices.key),
-        cca = p(&pki.cloud_ca.cert),
-        ccert = p(&pki.gateway_client.cert),
-        ckey = p(&pki.gateway_client.key),
-    );
-    std::fs::write(&path, text).expect("config written");
-    path
+    GatewayConfig::new(&dir.join("data"), pki, device_port, cloud_port)
+        .write(&dir.join("gateway.toml"))
 }
 
 fn spawn_gateway(config: &Path, device_port: u16, log: &Path) -> Child {

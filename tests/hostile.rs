@@ -29,7 +29,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use blindgate::pki::DevPki;
 use common::cloud_subscriber::CloudSubscriber;
+use common::gateway_config::GatewayConfig;
 use common::mosquitto::{Mosquitto, TlsMode, require_mosquitto, start_cloud_broker};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -225,58 +226,16 @@ impl GatewayProcess {
         let pki = &lab.pki;
         let device_port = common::free_port();
         let metrics_port = common::free_port();
-        let p = |p: &Path| p.display().to_string();
-        let text = format!(
-            r#"[gateway]
-id = "{GATEWAY}"
-data_dir = "{data}"
-
-[devices]
-listen = "127.0.0.1:{device_port}"
-ca = "{dca}"
-cert = "{dcert}"
-key = "{dkey}"
-max_connections = {max_connections}
-connect_timeout = "{connect_timeout}"
-# The hostile devices go as fast as they can: no rate limit in the way.
-rate_limit_per_device = 1000000
-rate_burst_per_device = 1000000
-
-[envelope]
-max_size = "{max_size}"
-
-[cloud]
-endpoints = ["mqtts://localhost:{cloud_port}"]
-ca = "{cca}"
-cert = "{ccert}"
-key = "{ckey}"
-backoff_min = "100ms"
-backoff_max = "500ms"
-keep_alive = "5s"
-
-[queue]
-min_free_disk = "0B"
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-[log]
-level = "info"
-"#,
-            data = p(&dir.join("data")),
-            dca = p(&pki.device_ca.cert),
-            dcert = p(&pki.gateway_devices.cert),
-            dkey = p(&pki.gateway_devices.key),
-            cca = p(&pki.cloud_ca.cert),
-            ccert = p(&pki.gateway_client.cert),
-            ckey = p(&pki.gateway_client.key),
-            cloud_port = lab.broker.port,
-            max_connections = tuning.max_connections,
-            connect_timeout = tuning.connect_timeout,
-            max_size = tuning.max_size,
-        );
-        let config = dir.join("gateway.toml");
-        std::fs::write(&config, text).expect("config written");
+        // The hostile devices go as fast as they can: no rate limit in the way.
+        let config = GatewayConfig::new(&dir.join("data"), pki, device_port, lab.broker.port)
+            .set_str("gateway", "id", GATEWAY)
+            .set("devices", "max_connections", tuning.max_connections)
+            .set_str("devices", "connect_timeout", tuning.connect_timeout)
+            .set("devices", "rate_limit_per_device", 1_000_000)
+            .set("devices", "rate_burst_per_device", 1_000_000)
+            .set_str("envelope", "max_size", tuning.max_size)
+            .metrics_port(metrics_port)
+            .write(&dir.join("gateway.toml"));
         let log = dir.join("gateway.log");
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_blindgate"))

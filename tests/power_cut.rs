@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use blindgate::pki::DevPki;
 use common::cloud_subscriber::CloudSubscriber;
+use common::gateway_config::GatewayConfig;
 use common::mosquitto::{TlsMode, require_mosquitto, start_cloud_broker};
 use common::proxy::Proxy;
 use powercut::{PowerCutFs, Stats};
@@ -132,47 +133,7 @@ fn write_config(
     device_port: u16,
     cloud_port: u16,
 ) -> PathBuf {
-    let path = dir.join("gateway.toml");
-    let p = |p: &Path| p.display().to_string();
-    let text = format!(
-        r#"[gateway]
-id = "gw-1"
-data_dir = "{data}"
-
-[devices]
-listen = "127.0.0.1:{device_port}"
-ca = "{dca}"
-cert = "{dcert}"
-key = "{dkey}"
-
-[cloud]
-endpoints = ["mqtts://localhost:{cloud_port}"]
-ca = "{cca}"
-cert = "{ccert}"
-key = "{ckey}"
-backoff_min = "100ms"
-backoff_max = "500ms"
-keep_alive = "5s"
-
-[queue]
-min_free_disk = "0B"
-
-[metrics]
-listen = ""
-
-[log]
-level = "info"
-"#,
-        data = p(data_dir),
-        dca = p(&pki.device_ca.cert),
-        dcert = p(&pki.gateway_devices.cert),
-        dkey = p(&pki.gateway_devices.key),
-        cca = p(&pki.cloud_ca.cert),
-        ccert = p(&pki.gateway_client.cert),
-        ckey = p(&pki.gateway_client.key),
-    );
-    std::fs::write(&path, text).expect("config written");
-    path
+    GatewayConfig::new(data_dir, pki, device_port, cloud_port).write(&dir.join("gateway.toml"))
 }
 
 /// The gateway process; killed (SIGKILL) and reaped on drop too, so that a failing

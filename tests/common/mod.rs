@@ -8,6 +8,7 @@
 )]
 
 pub mod cloud_subscriber;
+pub mod gateway_config;
 pub mod mosquitto;
 /// The cuttable link lives in the library (the demo uses it too).
 pub mod proxy {

@@ -13,6 +13,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+
+use crate::common::gateway_config::GatewayConfig;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -123,53 +125,13 @@ pub fn write_config(
     metrics_port: u16,
     queue: &QueueSettings,
 ) -> PathBuf {
-    let path = dir.join("gateway.toml");
-    let p = |p: &Path| p.display().to_string();
-    let text = format!(
-        r#"[gateway]
-id = "gw-1"
-data_dir = "{data}"
-
-[devices]
-listen = "127.0.0.1:{device_port}"
-ca = "{dca}"
-cert = "{dcert}"
-key = "{dkey}"
-
-[cloud]
-endpoints = ["mqtts://localhost:{cloud_port}"]
-ca = "{cca}"
-cert = "{ccert}"
-key = "{ckey}"
-backoff_min = "100ms"
-backoff_max = "500ms"
-keep_alive = "5s"
-
-[queue]
-max_bytes = "{max_bytes}"
-min_free_disk = "{min_free_disk}"
-device_quota = "{device_quota}"
-cache_size = "2MiB"
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-[log]
-level = "info"
-"#,
-        data = p(data_dir),
-        dca = p(&pki.device_ca.cert),
-        dcert = p(&pki.gateway_devices.cert),
-        dkey = p(&pki.gateway_devices.key),
-        cca = p(&pki.cloud_ca.cert),
-        ccert = p(&pki.gateway_client.cert),
-        ckey = p(&pki.gateway_client.key),
-        max_bytes = queue.max_bytes,
-        min_free_disk = queue.min_free_disk,
-        device_quota = queue.device_quota,
-    );
-    std::fs::write(&path, text).expect("config written");
-    path
+    GatewayConfig::new(data_dir, pki, device_port, cloud_port)
+        .set_str("queue", "max_bytes", queue.max_bytes)
+        .set_str("queue", "min_free_disk", queue.min_free_disk)
+        .set_str("queue", "device_quota", queue.device_quota)
+        .set_str("queue", "cache_size", "2MiB")
+        .metrics_port(metrics_port)
+        .write(&dir.join("gateway.toml"))
 }
 
 /// The gateway binary as a child process; killed on drop if still running.
