@@ -127,7 +127,7 @@ fn the_lab_config_differs_from_the_example_only_in_lab_values() {
     }];
     example.cloud.ca = at("cloud-ca.pem");
     example.cloud.cert = at("gateway-client.pem");
-    example.cloud.key = at("gateway-client.key");
+    example.cloud.key = config::KeySource::File(at("gateway-client.key"));
     assert_eq!(lab_config, example);
     // The comments come along: the lab file is the example, annotated.
     assert!(lab.gateway.1.contains("# Required. This gateway's name"));

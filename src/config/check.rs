@@ -59,7 +59,7 @@ use x509_parser::prelude::FromDer as _;
 
 use super::diagnostics::{Positions, Problem, line_column, sort};
 use super::units::format_byte_size;
-use super::{ConfigError, Diagnostic, QueueSection, Sections, Severity, ValidConfig};
+use super::{ConfigError, Diagnostic, KeySource, QueueSection, Sections, Severity, ValidConfig};
 
 /// A certificate that expires within this many days gets a warning.
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
@@ -258,7 +258,7 @@ fn check_sections(env: &mut Env<'_>, sections: &Sections, ports: PortCheck) {
         let pair = TlsFiles {
             ca: ("devices.ca", &devices.ca),
             cert: ("devices.cert", &devices.cert),
-            key: ("devices.key", &devices.key),
+            key: ("devices.key", Some(&devices.key)),
             side: Side::DeviceListener,
         };
         env.tls_files(&pair);
@@ -276,10 +276,17 @@ fn check_sections(env: &mut Env<'_>, sections: &Sections, ports: PortCheck) {
         let pair = TlsFiles {
             ca: ("cloud.ca", &cloud.ca),
             cert: ("cloud.cert", &cloud.cert),
-            key: ("cloud.key", &cloud.key),
+            key: ("cloud.key", cloud.key.file()),
             side: Side::GatewayClient,
         };
         env.tls_files(&pair);
+        if let KeySource::Pkcs11(token_key) = &cloud.key
+            && !env.skip("cloud.key")
+            && !env.skip("cloud.cert")
+            && let Some(problem) = super::check_pkcs11::token_key_problem(token_key, &cloud.cert)
+        {
+            env.error("cloud.key", problem);
+        }
     }
     if let (Some(metrics), PortCheck::Bind) = (&sections.metrics, ports)
         && let Some(addr) = metrics.listen
@@ -309,7 +316,8 @@ enum Side {
 struct TlsFiles<'a> {
     ca: (&'a str, &'a Path),
     cert: (&'a str, &'a Path),
-    key: (&'a str, &'a Path),
+    /// `None`: the key is in a PKCS#11 token (checked by `check_pkcs11`).
+    key: (&'a str, Option<&'a Path>),
     side: Side,
 }
 
@@ -390,11 +398,13 @@ impl<'p> Env<'p> {
             true => None,
             false => self.certificates(cert_key, cert_path, false),
         };
-        let signing_key = match self.skip(key_key) {
-            true => None,
-            false => self.private_key(key_key, key_path),
+        let signing_key = match (self.skip(key_key), key_path) {
+            (false, Some(key_path)) => self
+                .private_key(key_key, key_path)
+                .map(|signing_key| (key_path, signing_key)),
+            _ => None,
         };
-        if let (Some(chain), Some(signing_key)) = (&chain, &signing_key) {
+        if let (Some(chain), Some((key_path, signing_key))) = (&chain, &signing_key) {
             self.key_matches(
                 key_key,
                 key_path,
@@ -1089,7 +1099,7 @@ fn check_cloud_ingest(
         env.tls_files(&TlsFiles {
             ca: ("broker.ca", &ca),
             cert: ("broker.cert", &cert),
-            key: ("broker.key", &key),
+            key: ("broker.key", Some(&key)),
             side: Side::IngestClient,
         });
     }

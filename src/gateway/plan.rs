@@ -7,10 +7,13 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use super::GatewayPlan;
-use crate::config::ValidConfig;
+use crate::config::{KeySource, ValidConfig};
 use crate::ingress::{IngressSettings, WebSocketListen};
 use crate::queue::QueueConfig;
-use crate::tls::{TlsError, UplinkTlsOptions, device_server_config, uplink_client_config};
+use crate::tls::{
+    TlsError, UplinkTlsOptions, device_server_config, uplink_client_config,
+    uplink_client_config_with_token,
+};
 use crate::uplink::UplinkSettings;
 
 /// Bytes of MQTT framing and topic allowed on top of the largest envelope.
@@ -26,7 +29,7 @@ pub enum PlanError {
     #[error("device listener TLS ([devices] ca, cert, key)")]
     DeviceTls(#[source] TlsError),
     /// The uplink's TLS material is unusable.
-    #[error("uplink TLS ([cloud] ca, cert, key)")]
+    #[error("uplink TLS ([cloud] ca, cert, key, pkcs11_*)")]
     UplinkTls(#[source] TlsError),
     /// The data directory cannot be created.
     #[error("cannot create data directory {path}")]
@@ -55,13 +58,19 @@ impl GatewayPlan {
         let max_envelope = usize::try_from(config.envelope.max_size).unwrap_or(usize::MAX);
         let device_tls = device_server_config(&devices.ca, &devices.cert, &devices.key)
             .map_err(PlanError::DeviceTls)?;
-        let uplink_tls = uplink_client_config(&UplinkTlsOptions {
+        let uplink_options = UplinkTlsOptions {
             ca: cloud.ca.clone(),
             cert: cloud.cert.clone(),
-            key: cloud.key.clone(),
+            key: PathBuf::from(cloud.key.describe()),
             pins_sha256: cloud.pins.clone(),
             cipher_order: cloud.cipher_order,
-        })
+        };
+        let uplink_tls = match &cloud.key {
+            KeySource::File(_) => uplink_client_config(&uplink_options),
+            KeySource::Pkcs11(token_key) => {
+                uplink_client_config_with_token(&uplink_options, token_key)
+            }
+        }
         .map_err(PlanError::UplinkTls)?;
         let q = &config.queue;
         Ok(Self {
