@@ -578,3 +578,97 @@ fn a_pin_in_the_uri_is_refused_before_any_token_is_opened() {
     let text = failing_check(&token, &lines);
     assert_contains(&text, &["holds a PIN (pin-value)", "pkcs11_pin_file"]);
 }
+
+#[test]
+fn a_pin_from_a_systemd_credential_is_used() {
+    if !require_softhsm() {
+        return;
+    }
+    let token = Token::new();
+    let credentials = token.path("credentials");
+    fs::create_dir(&credentials).expect("credentials dir");
+    fs::copy(&token.pin_file, credentials.join("pkcs11-pin")).expect("credential");
+    let lines = token.key_lines().replace(
+        &format!("pkcs11_pin_file = \"{}\"", token.pin_file.display()),
+        "pkcs11_pin_credential = \"pkcs11-pin\"",
+    );
+    let config = token.config(0, 8883, &lines);
+    let with = token
+        .blindgate()
+        .arg("check-config")
+        .arg(&config)
+        .env("CREDENTIALS_DIRECTORY", &credentials)
+        .output()
+        .expect("runs");
+    assert!(with.status.success(), "{with:?}");
+    let text = failing_check(&token, &lines);
+    assert_contains(
+        &text,
+        &["$CREDENTIALS_DIRECTORY is not set", "LoadCredential="],
+    );
+}
+
+/// Diagnostics of a config whose `[cloud]` key lines are `lines` (the file alone).
+fn file_problems(lines: &str) -> Vec<(String, String)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = common::dev_pki(dir.path(), &[DEVICE]);
+    let token = Token {
+        softhsm_conf: dir.path().join("absent.conf"),
+        cert: pki.gateway_client.cert.clone(),
+        pin_file: dir.path().join("pin"),
+        pki,
+        dir,
+    };
+    let config = token.config(0, 8883, lines);
+    let text = fs::read_to_string(&config).expect("config");
+    match blindgate::config::parse(&text, &config) {
+        Ok(_) => Vec::new(),
+        Err(err) => err
+            .diagnostics
+            .into_iter()
+            .map(|d| {
+                (
+                    d.key,
+                    format!("{} / {}", d.message, d.hint.unwrap_or_default()),
+                )
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn the_config_asks_for_a_module_and_exactly_one_pin_source() {
+    let uri = format!("cert = \"/c.pem\"\nkey = \"pkcs11:token={TOKEN};object={KEY_LABEL}\"");
+    let module = format!("\npkcs11_module = \"{MODULE}\"");
+    let cases = [
+        (uri.clone(), "cloud.key", "no module is named"),
+        (format!("{uri}{module}"), "cloud.key", "no PIN source"),
+        (
+            format!("{uri}{module}\npkcs11_pin_file = \"/p\"\npkcs11_pin_credential = \"p\""),
+            "cloud.pkcs11_pin_credential",
+            "more than one PIN source",
+        ),
+        (
+            format!("{uri}{module}\npkcs11_pin_credential = \"../p\""),
+            "cloud.pkcs11_pin_credential",
+            "not a credential name",
+        ),
+        (
+            "cert = \"/c.pem\"\nkey = \"/k.pem\"\npkcs11_pin_file = \"/p\"".to_owned(),
+            "cloud.pkcs11_pin_file",
+            "only used when key is a pkcs11: URI",
+        ),
+    ];
+    for (lines, key, message) in cases {
+        let problems = file_problems(&lines);
+        assert_eq!(problems.len(), 1, "{lines}: {problems:?}");
+        assert_eq!(problems[0].0, key, "{lines}: {problems:?}");
+        assert!(problems[0].1.contains(message), "{lines}: {problems:?}");
+    }
+    let good = format!("{uri}{module}\npkcs11_pin_file = \"/p\"");
+    assert_eq!(file_problems(&good), Vec::new());
+    let in_uri = format!(
+        "cert = \"/c.pem\"\nkey = \"pkcs11:token={TOKEN};object={KEY_LABEL}?module-path={MODULE}&pin-source=/p\""
+    );
+    assert_eq!(file_problems(&in_uri), Vec::new());
+}
