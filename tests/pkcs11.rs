@@ -397,17 +397,32 @@ async fn the_uplink_signs_with_the_token_key_and_forwards_envelopes() {
     let mut gateway = spawn_gateway(&token, &config, device_port, &log);
     let envelopes: Vec<Vec<u8>> = (1..=5).map(seal).collect();
     publish_acked(&token.pki, device_port, &envelopes).await;
-    let received = cloud
+    cloud
         .wait_for(envelopes.len(), Duration::from_secs(20))
+        .await;
+
+    // A changed [cloud] section reloads: the token is opened again in the same
+    // process (the module stays initialised, the login is shared) and the uplink
+    // reconnects with it.
+    let text = fs::read_to_string(&config).expect("config");
+    fs::write(
+        &config,
+        text.replace("backoff_max = \"500ms\"", "backoff_max = \"600ms\""),
+    )
+    .expect("config changed");
+    let pid = rustix::process::Pid::from_child(&gateway);
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("SIGHUP");
+    wait_for_log(&log, "reload applied", "reload rejected");
+    let more: Vec<Vec<u8>> = (6..=10).map(seal).collect();
+    publish_acked(&token.pki, device_port, &more).await;
+    let received = cloud
+        .wait_for(envelopes.len() + more.len(), Duration::from_secs(20))
         .await;
     gateway.kill().expect("kill");
     gateway.wait().expect("reaped");
     let payloads: Vec<&Vec<u8>> = received.iter().map(|(_, payload)| payload).collect();
-    assert_eq!(
-        payloads,
-        envelopes.iter().collect::<Vec<_>>(),
-        "byte for byte"
-    );
+    let sent: Vec<&Vec<u8>> = envelopes.iter().chain(&more).collect();
+    assert_eq!(payloads, sent, "byte for byte");
     let log = fs::read_to_string(&log).expect("log");
     assert!(
         log.contains("uplink key is in a PKCS#11 token"),
@@ -420,6 +435,21 @@ async fn the_uplink_signs_with_the_token_key_and_forwards_envelopes() {
         "broker log:\n{}",
         broker.log()
     );
+}
+
+/// Waits until the gateway's log at `path` contains `wanted`; fails at once if it
+/// contains `refused`, or after 20 s.
+fn wait_for_log(path: &Path, wanted: &str, refused: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = fs::read_to_string(path).unwrap_or_default();
+        assert!(!log.contains(refused), "gateway log:\n{log}");
+        if log.contains(wanted) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {wanted:?} in:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `check-config`'s output for `key_lines`; asserts it failed.
