@@ -702,3 +702,74 @@ fn the_config_asks_for_a_module_and_exactly_one_pin_source() {
     );
     assert_eq!(file_problems(&in_uri), Vec::new());
 }
+
+/// Set for the child that checks recovery: the token's directory.
+const RECOVERY_DIR: &str = "BLINDGATE_TEST_PKCS11_RECOVERY_DIR";
+
+#[test]
+fn a_lost_login_is_restored_and_signing_goes_on() {
+    if !require_softhsm() {
+        return;
+    }
+    let token = Token::new();
+    let child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "recovery_in_child", "--ignored", "--nocapture"])
+        .env("SOFTHSM2_CONF", &token.softhsm_conf)
+        .env(RECOVERY_DIR, token.dir.path())
+        .output()
+        .expect("recovery child runs");
+    assert!(child.status.success(), "recovery child: {child:?}");
+    let stdout = String::from_utf8_lossy(&child.stdout);
+    assert!(stdout.contains("signed after the logout"), "{stdout}");
+}
+
+/// Run by [`a_lost_login_is_restored_and_signing_goes_on`] with `SOFTHSM2_CONF` set:
+/// the gateway's token key signs, another session logs the application out (as a
+/// token reset would), and the key still signs: the session is opened again.
+#[test]
+#[ignore = "a helper: run in a child process with SOFTHSM2_CONF set"]
+fn recovery_in_child() {
+    use blindgate::tls::pkcs11::{PinSource, Pkcs11Key, Pkcs11Uri, open_token_key};
+    use ring::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
+
+    let Some(dir) = std::env::var_os(RECOVERY_DIR) else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let key = Pkcs11Key {
+        uri: Pkcs11Uri::parse(&format!("pkcs11:token={TOKEN};object={KEY_LABEL}")).expect("uri"),
+        module: PathBuf::from(MODULE),
+        pin: PinSource::File(dir.join("pkcs11-pin")),
+    };
+    let cert = dir.join("gateway-token.pem");
+    let leaf = blindgate::tls::load_certs(&cert).expect("cert").remove(0);
+    let signing_key = open_token_key(&key, &cert, &leaf).expect("token key opens");
+    let point = fs::read(dir.join("public-point")).expect("point");
+    let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point);
+    let first = signing_key.sign_message(b"before").expect("signs");
+    public.verify(b"before", &first).expect("verifies");
+
+    // The module is initialised already in this process: a second context of it
+    // shares its state, and its logout ends the login of every session.
+    let other = Pkcs11::new(MODULE).expect("module");
+    let _ = other.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = other
+        .get_slots_with_token()
+        .expect("slots")
+        .into_iter()
+        .find(|slot| {
+            other
+                .get_token_info(*slot)
+                .is_ok_and(|info| info.label() == TOKEN)
+        })
+        .expect("the token");
+    other
+        .open_ro_session(slot)
+        .expect("session")
+        .logout()
+        .expect("logout");
+
+    let second = signing_key.sign_message(b"after").expect("signs again");
+    public.verify(b"after", &second).expect("verifies");
+    println!("signed after the logout");
+}

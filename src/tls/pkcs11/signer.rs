@@ -2,11 +2,14 @@
 //! handshake transcript, the digest is computed here (SHA-256 or SHA-384), the token
 //! signs it with `CKM_ECDSA`, and its raw `r || s` is re-encoded as the DER
 //! `ECDSA-Sig-Value` TLS 1.3 carries. One logged-in session, behind a mutex (signing
-//! happens once per handshake).
+//! happens once per handshake). If the token lost the session or the login (a TPM
+//! resource manager restarted, a token reset), the session is opened again once and
+//! the signature retried.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
@@ -14,6 +17,8 @@ use ring::digest;
 use rustls::sign::{Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 use rustls_pki_types::SubjectPublicKeyInfoDer;
+
+use super::Pkcs11Key;
 
 /// The EC curves the token key may be on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +79,9 @@ pub struct TokenSigningKey {
 }
 
 struct Inner {
-    session: Mutex<Session>,
-    key: ObjectHandle,
+    open: Mutex<OpenKey>,
+    /// What to open again if the session is lost.
+    source: Pkcs11Key,
     curve: Curve,
     /// The certificate's SubjectPublicKeyInfo (proven to be this key's).
     spki: Vec<u8>,
@@ -92,21 +98,21 @@ impl fmt::Debug for TokenSigningKey {
     }
 }
 
+/// A logged-in session and the key's handle in it.
+pub(super) struct OpenKey {
+    pub(super) session: Session,
+    pub(super) key: ObjectHandle,
+}
+
 impl TokenSigningKey {
-    pub(super) fn new(
-        session: Session,
-        key: ObjectHandle,
-        curve: Curve,
-        spki: Vec<u8>,
-        uri: String,
-    ) -> Self {
+    pub(super) fn new(open: OpenKey, source: Pkcs11Key, curve: Curve, spki: Vec<u8>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                session: Mutex::new(session),
-                key,
+                open: Mutex::new(open),
+                uri: source.uri.to_string(),
+                source,
                 curve,
                 spki,
-                uri,
             }),
         }
     }
@@ -122,12 +128,49 @@ impl TokenSigningKey {
     /// The module's error, as text.
     pub fn sign_message(&self, message: &[u8]) -> Result<Vec<u8>, String> {
         let inner = &self.inner;
-        let session = inner
-            .session
+        let mut open = inner
+            .open
             .lock()
             .map_err(|_| "the token session is unusable after a panic".to_owned())?;
-        sign_with(&session, inner.key, inner.curve, message)
+        match sign_with(&open.session, open.key, inner.curve, message) {
+            Err(SignError::Token(err)) if session_lost(&err) => {
+                tracing::warn!(key = %inner.uri, "the PKCS#11 session was lost ({err}); opening it again");
+                *open = super::token::reopen(&inner.source).map_err(|err| err.to_string())?;
+                sign_with(&open.session, open.key, inner.curve, message)
+                    .map_err(|err| err.to_string())
+            }
+            other => other.map_err(|err| err.to_string()),
+        }
     }
+}
+
+/// Errors the token gives when the session or the login is gone, not the key.
+fn session_lost(err: &CkError) -> bool {
+    matches!(
+        err,
+        CkError::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::UserNotLoggedIn
+                | RvError::KeyHandleInvalid
+                | RvError::ObjectHandleInvalid
+                | RvError::DeviceRemoved
+                | RvError::TokenNotPresent
+                | RvError::CryptokiNotInitialized,
+            _
+        )
+    )
+}
+
+/// Why a signature failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SignError {
+    /// The token refused.
+    #[error("{0}")]
+    Token(CkError),
+    /// The token's answer is not `r || s` for the curve.
+    #[error("the token returned a {0}-byte signature")]
+    Length(usize),
 }
 
 /// Signs `message` with `key` in `session`: digest here, `CKM_ECDSA` in the token.
@@ -136,13 +179,12 @@ pub(super) fn sign_with(
     key: ObjectHandle,
     curve: Curve,
     message: &[u8],
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, SignError> {
     let hash = digest::digest(curve.digest(), message);
     let raw = session
         .sign(&Mechanism::Ecdsa, key, hash.as_ref())
-        .map_err(|err| err.to_string())?;
-    raw_to_der(&raw, curve.scalar_len())
-        .ok_or_else(|| format!("the token returned a {}-byte signature", raw.len()))
+        .map_err(SignError::Token)?;
+    raw_to_der(&raw, curve.scalar_len()).ok_or(SignError::Length(raw.len()))
 }
 
 impl SigningKey for TokenSigningKey {

@@ -16,7 +16,7 @@ use ring::signature::UnparsedPublicKey;
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::signer::{Curve, TokenSigningKey, sign_with};
+use super::signer::{Curve, OpenKey, TokenSigningKey, sign_with};
 use super::{PinTries, Pkcs11Key, TokenError};
 
 /// Modules loaded and initialised in this process, by path. A module is initialised
@@ -110,6 +110,24 @@ pub fn open_token_key(
     leaf: &CertificateDer<'_>,
 ) -> Result<TokenSigningKey, TokenError> {
     let uri = key.uri.to_string();
+    let open = open_key(key, &uri)?;
+    let curve = key_curve(&open.session, open.key, &uri)?;
+    let spki = check_certificate(&open.session, open.key, curve, cert, leaf, &uri)?;
+    tracing::info!(key = %uri, scheme = ?curve.scheme(), "uplink key is in a PKCS#11 token");
+    Ok(TokenSigningKey::new(open, key.clone(), curve, spki))
+}
+
+/// Opens the key again after the token lost the session or the login.
+///
+/// # Errors
+/// As [`open_token_key`], without the certificate check (the key is found by the
+/// same URI).
+pub(super) fn reopen(key: &Pkcs11Key) -> Result<OpenKey, TokenError> {
+    open_key(key, &key.uri.to_string())
+}
+
+/// Module, token, a new session, login, the key's handle.
+fn open_key(key: &Pkcs11Key, uri: &str) -> Result<OpenKey, TokenError> {
     let module_path = key.uri.module_path.as_deref().unwrap_or(&key.module);
     let module = load_module(module_path)?;
     let (slot, label) = find_token(&module, key)?;
@@ -117,11 +135,11 @@ pub fn open_token_key(
         .open_ro_session(slot)
         .map_err(failed("C_OpenSession"))?;
     log_in(&module, &session, slot, &label, key)?;
-    let handle = find_key(&session, key, &uri)?;
-    let curve = key_curve(&session, handle, &uri)?;
-    let spki = check_certificate(&session, handle, curve, cert, leaf, &uri)?;
-    tracing::info!(key = %uri, scheme = ?curve.scheme(), "uplink key is in a PKCS#11 token");
-    Ok(TokenSigningKey::new(session, handle, curve, spki, uri))
+    let handle = find_key(&session, key, uri)?;
+    Ok(OpenKey {
+        session,
+        key: handle,
+    })
 }
 
 fn find_token(module: &Pkcs11, key: &Pkcs11Key) -> Result<(Slot, String), TokenError> {
@@ -278,7 +296,7 @@ fn check_certificate(
     let signature =
         sign_with(session, handle, curve, &challenge).map_err(|reason| TokenError::Token {
             operation: "C_Sign",
-            reason,
+            reason: reason.to_string(),
         })?;
     UnparsedPublicKey::new(curve.verifier(), spki.subject_public_key.data.as_ref())
         .verify(&challenge, &signature)
