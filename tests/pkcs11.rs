@@ -39,6 +39,8 @@ const TOKEN: &str = "blindgate";
 const PIN: &str = "246810";
 const SO_PIN: &str = "13579135";
 const KEY_LABEL: &str = "gateway-key";
+/// The device listener's key, in the same token.
+const DEVICE_KEY_LABEL: &str = "device-listener-key";
 const DEVICE: &str = "pump-17";
 /// Set for the child that generates the key pair: the directory to write it to.
 const KEYGEN_DIR: &str = "BLINDGATE_TEST_PKCS11_KEYGEN_DIR";
@@ -64,6 +66,15 @@ struct Token {
     softhsm_conf: PathBuf,
     cert: PathBuf,
     pin_file: PathBuf,
+}
+
+/// Which CA issues a certificate for a token key, and for what.
+#[derive(Clone, Copy)]
+enum Role {
+    /// The uplink's client certificate (cloud CA).
+    Uplink,
+    /// The device listener's server certificate (device CA), for `localhost`.
+    DeviceListener,
 }
 
 impl Token {
@@ -102,7 +113,14 @@ impl Token {
         assert!(keygen.status.success(), "keygen child: {keygen:?}");
         let point = fs::read(dir.path().join("public-point")).expect("public point written");
         let cert = dir.path().join("gateway-token.pem");
-        fs::write(&cert, issue_for_point(&pki, point)).expect("write cert");
+        fs::write(&cert, issue_for_point(&pki, point, Role::Uplink)).expect("write cert");
+        let point = fs::read(dir.path().join("device-point")).expect("device point written");
+        let device_cert = dir.path().join("devices-token.pem");
+        fs::write(
+            &device_cert,
+            issue_for_point(&pki, point, Role::DeviceListener),
+        )
+        .expect("write cert");
         let pin_file = dir.path().join("pkcs11-pin");
         write_private(&pin_file, &format!("{PIN}\n"));
         Self {
@@ -122,6 +140,23 @@ impl Token {
     /// `[cloud]` key lines as given.
     fn config(&self, device_port: u16, cloud_port: u16, key_lines: &str) -> PathBuf {
         let p = |p: &Path| p.display().to_string();
+        let device_key_lines = format!(
+            "cert = \"{}\"\nkey = \"{}\"",
+            p(&self.pki.gateway_devices.cert),
+            p(&self.pki.gateway_devices.key)
+        );
+        self.config_with(device_port, cloud_port, &device_key_lines, key_lines)
+    }
+
+    /// As [`Token::config`], with the `[devices]` cert and key lines given too.
+    fn config_with(
+        &self,
+        device_port: u16,
+        cloud_port: u16,
+        device_key_lines: &str,
+        key_lines: &str,
+    ) -> PathBuf {
+        let p = |p: &Path| p.display().to_string();
         let text = format!(
             r#"[gateway]
 id = "gw-1"
@@ -130,8 +165,7 @@ data_dir = "{data}"
 [devices]
 listen = "127.0.0.1:{device_port}"
 ca = "{dca}"
-cert = "{dcert}"
-key = "{dkey}"
+{device_key_lines}
 
 [cloud]
 endpoints = ["mqtts://localhost:{cloud_port}"]
@@ -148,13 +182,20 @@ listen = ""
 "#,
             data = p(&self.path("data")),
             dca = p(&self.pki.device_ca.cert),
-            dcert = p(&self.pki.gateway_devices.cert),
-            dkey = p(&self.pki.gateway_devices.key),
             cca = p(&self.pki.cloud_ca.cert),
         );
         let path = self.path("gateway.toml");
         fs::write(&path, text).expect("config written");
         path
+    }
+
+    /// The `[devices]` cert and key lines for the listener's key in the token.
+    fn device_key_lines(&self) -> String {
+        format!(
+            "cert = \"{}\"\nkey = \"pkcs11:token={TOKEN};object={DEVICE_KEY_LABEL}\"\npkcs11_module = \"{MODULE}\"\npkcs11_pin_file = \"{}\"",
+            self.path("devices-token.pem").display(),
+            self.pin_file.display()
+        )
     }
 
     /// The `[cloud]` key lines for the token's key, the certificate and the PIN file.
@@ -211,11 +252,23 @@ fn distinguished_name(common_name: &str) -> DistinguishedName {
 /// A client certificate for `gw-1` with the token's public key `point`, issued by
 /// the dev cloud CA (its key read from the dev PKI, its name as `blindgate certs dev`
 /// writes it), as a cloud operator would issue it from the gateway's CSR.
-fn issue_for_point(pki: &DevPki, point: Vec<u8>) -> String {
-    let ca_key = KeyPair::from_pem(&fs::read_to_string(&pki.cloud_ca.key).expect("CA key"))
+fn issue_for_point(pki: &DevPki, point: Vec<u8>, role: Role) -> String {
+    let (ca_paths, ca_name, purpose) = match role {
+        Role::Uplink => (
+            &pki.cloud_ca,
+            "blindgate dev cloud CA",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+        Role::DeviceListener => (
+            &pki.device_ca,
+            "blindgate dev device CA",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ),
+    };
+    let ca_key = KeyPair::from_pem(&fs::read_to_string(&ca_paths.key).expect("CA key"))
         .expect("CA key parses");
     let mut ca = CertificateParams::default();
-    ca.distinguished_name = distinguished_name("blindgate dev cloud CA");
+    ca.distinguished_name = distinguished_name(ca_name);
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     let ca = ca.self_signed(&ca_key).expect("CA as issuer");
     let now = time::OffsetDateTime::now_utc();
@@ -223,7 +276,12 @@ fn issue_for_point(pki: &DevPki, point: Vec<u8>) -> String {
     leaf.distinguished_name = distinguished_name("gw-1");
     leaf.is_ca = IsCa::ExplicitNoCa;
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.extended_key_usages = vec![purpose];
+    if matches!(role, Role::DeviceListener) {
+        leaf.subject_alt_names = vec![rcgen::SanType::DnsName(
+            rcgen::Ia5String::try_from("localhost").expect("a DNS name"),
+        )];
+    }
     leaf.use_authority_key_identifier_extension = true;
     leaf.not_before = now - time::Duration::days(1);
     leaf.not_after = now + time::Duration::days(30);
@@ -259,8 +317,19 @@ fn keygen_in_token_child() {
     session
         .login(UserType::User, Some(&AuthPin::from(PIN)))
         .expect("login");
-    let label = Attribute::Label(KEY_LABEL.as_bytes().to_vec());
-    let id = Attribute::Id(vec![0x01]);
+    for (label, id, file) in [
+        (KEY_LABEL, 0x01, "public-point"),
+        (DEVICE_KEY_LABEL, 0x02, "device-point"),
+    ] {
+        let point = generate_in_token(&session, label, id);
+        fs::write(Path::new(&dir).join(file), point).expect("write point");
+    }
+}
+
+/// Generates a P-256 key pair in the token; returns its uncompressed public point.
+fn generate_in_token(session: &cryptoki::session::Session, label: &str, id: u8) -> Vec<u8> {
+    let label = Attribute::Label(label.as_bytes().to_vec());
+    let id = Attribute::Id(vec![id]);
     let public = [
         Attribute::Token(true),
         Attribute::EcParams(P256_PARAMS.to_vec()),
@@ -307,7 +376,7 @@ fn keygen_in_token_child() {
         (65, 0x04),
         "uncompressed P-256 point"
     );
-    fs::write(Path::new(&dir).join("public-point"), point).expect("write point");
+    point
 }
 
 fn spawn_gateway(token: &Token, config: &Path, device_port: u16, log: &Path) -> Child {
@@ -378,7 +447,12 @@ async fn the_uplink_signs_with_the_token_key_and_forwards_envelopes() {
     let broker = start_cloud_broker(&token.path("broker"), &token.pki, TlsMode::Tls13MutualAuth);
     let cloud = CloudSubscriber::connect(broker.port, &token.pki, "ingest-1", "gw/+/e3/+/up").await;
     let device_port = common::free_port();
-    let config = token.config(device_port, broker.port, &token.key_lines());
+    let config = token.config_with(
+        device_port,
+        broker.port,
+        &token.device_key_lines(),
+        &token.key_lines(),
+    );
     assert!(
         !fs::read_to_string(&config)
             .expect("config")
@@ -425,7 +499,8 @@ async fn the_uplink_signs_with_the_token_key_and_forwards_envelopes() {
     assert_eq!(payloads, sent, "byte for byte");
     let log = fs::read_to_string(&log).expect("log");
     assert!(
-        log.contains("uplink key is in a PKCS#11 token"),
+        log.contains("uplink key is in a PKCS#11 token")
+            && log.contains("device listener key is in a PKCS#11 token"),
         "gateway log:\n{log}"
     );
     assert!(!log.contains(PIN), "the PIN is never logged");
@@ -565,7 +640,7 @@ fn a_missing_key_lists_the_keys_present() {
         &text,
         &[
             "no private key pkcs11:token=blindgate;object=old-key;type=private in the token",
-            r#"(private keys present: "gateway-key")"#,
+            r#"(private keys present: "device-listener-key", "gateway-key")"#,
         ],
     );
 }
@@ -772,4 +847,37 @@ fn recovery_in_child() {
     let second = signing_key.sign_message(b"after").expect("signs again");
     public.verify(b"after", &second).expect("verifies");
     println!("signed after the logout");
+}
+
+#[test]
+fn the_device_listener_key_in_the_token_is_checked_too() {
+    if !require_softhsm() {
+        return;
+    }
+    let token = Token::new();
+    let other = token.pki.gateway_devices.cert.display().to_string();
+    let device_lines = token.device_key_lines().replace(
+        &token.path("devices-token.pem").display().to_string(),
+        &other,
+    );
+    let config = token.config_with(0, 8883, &device_lines, &token.key_lines());
+    let output = token
+        .blindgate()
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert_contains(
+        &text,
+        &[&format!(
+            "devices.key: the certificate {other} does not match the token's key pkcs11:token={TOKEN};object={DEVICE_KEY_LABEL}"
+        )],
+    );
+    assert!(
+        !text.contains("cloud.key"),
+        "the uplink key is fine:\n{text}"
+    );
 }

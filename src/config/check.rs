@@ -258,10 +258,11 @@ fn check_sections(env: &mut Env<'_>, sections: &Sections, ports: PortCheck) {
         let pair = TlsFiles {
             ca: ("devices.ca", &devices.ca),
             cert: ("devices.cert", &devices.cert),
-            key: ("devices.key", Some(&devices.key)),
+            key: ("devices.key", devices.key.file()),
             side: Side::DeviceListener,
         };
         env.tls_files(&pair);
+        env.token_key("devices.key", "devices.cert", &devices.key, &devices.cert);
         if ports == PortCheck::Bind {
             env.listener("devices.listen", devices.listen);
             if let Some(addr) = devices.plaintext_listen {
@@ -280,13 +281,7 @@ fn check_sections(env: &mut Env<'_>, sections: &Sections, ports: PortCheck) {
             side: Side::GatewayClient,
         };
         env.tls_files(&pair);
-        if let KeySource::Pkcs11(token_key) = &cloud.key
-            && !env.skip("cloud.key")
-            && !env.skip("cloud.cert")
-            && let Some(problem) = super::check_pkcs11::token_key_problem(token_key, &cloud.cert)
-        {
-            env.error("cloud.key", problem);
-        }
+        env.token_key("cloud.key", "cloud.cert", &cloud.key, &cloud.cert);
     }
     if let (Some(metrics), PortCheck::Bind) = (&sections.metrics, ports)
         && let Some(addr) = metrics.listen
@@ -382,6 +377,18 @@ impl<'p> Env<'p> {
                 self.error(key, unreadable_hint(problem, &err));
                 None
             }
+        }
+    }
+
+    /// A key in a PKCS#11 token: opened and checked against the certificate, as at
+    /// start (nothing for a key file).
+    fn token_key(&mut self, key_key: &str, cert_key: &str, key: &KeySource, cert: &Path) {
+        if let KeySource::Pkcs11(token_key) = key
+            && !self.skip(key_key)
+            && !self.skip(cert_key)
+            && let Some(problem) = super::check_pkcs11::token_key_problem(token_key, cert)
+        {
+            self.error(key_key, problem);
         }
     }
 

@@ -1,6 +1,6 @@
 //! `check-config` for a key in a PKCS#11 token: the same steps the gateway takes at
 //! start (load the module, find the token, log in, find the key, prove the
-//! certificate is the key's), each failure reported at `cloud.key` with its hint.
+//! certificate is the key's), each failure reported at `cloud.key` or `devices.key` with its hint.
 
 use std::path::Path;
 

@@ -95,8 +95,9 @@ pub struct DevicesSection {
     pub ca: PathBuf,
     /// The gateway's certificate chain for the device listener. Required.
     pub cert: PathBuf,
-    /// The private key of `cert`. Required.
-    pub key: PathBuf,
+    /// The private key of `cert`: a PEM file, or a `pkcs11:` URI with
+    /// `pkcs11_module` and a PIN source, as in `[cloud]`. Required.
+    pub key: KeySource,
     /// Plain MQTT listener for lab use. Default: none (off; `""` also means off).
     /// Only a loopback address unless `plaintext_allow_non_loopback`.
     pub plaintext_listen: Option<SocketAddr>,
@@ -326,6 +327,9 @@ struct RawDevices {
     ca: Opt<String>,
     cert: Opt<String>,
     key: Opt<String>,
+    pkcs11_module: Opt<String>,
+    pkcs11_pin_file: Opt<String>,
+    pkcs11_pin_credential: Opt<String>,
     plaintext_listen: Opt<String>,
     plaintext_allow_non_loopback: Opt<bool>,
     websocket_listen: Opt<String>,
@@ -663,7 +667,15 @@ fn devices_section(
     let listen = optional!(s, raw.listen, DEFAULT_DEVICES_LISTEN, socket_addr);
     let ca = required!(s, raw.ca, r#""/etc/blindgate/device-ca.pem""#, path);
     let cert = required!(s, raw.cert, r#""/etc/blindgate/gateway-devices.pem""#, path);
-    let key = required!(s, raw.key, r#""/etc/blindgate/gateway-devices.key""#, path);
+    let key = required!(s, raw.key, r#""/etc/blindgate/gateway-devices.key""#, |k| {
+        key_source::key_text(base, k)
+    });
+    let token_keys = key_source::RawTokenKeys {
+        module: raw.pkcs11_module,
+        pin_file: raw.pkcs11_pin_file,
+        pin_credential: raw.pkcs11_pin_credential,
+    };
+    let key = key_source::key_source(&mut s, key, token_keys, base);
     let plaintext_listen = optional!(s, raw.plaintext_listen, None, optional_socket_addr);
     let plaintext_allow_non_loopback = optional!(s, raw.plaintext_allow_non_loopback, false, Ok);
     let websocket_listen = optional!(s, raw.websocket_listen, None, optional_socket_addr);
@@ -1460,7 +1472,7 @@ mod tests {
         );
         assert!(keys_of("queue").contains(&"max_bytes"));
         assert_eq!(keys_of("cloud").len(), 18);
-        assert_eq!(keys_of("devices").len(), 16);
+        assert_eq!(keys_of("devices").len(), 19);
     }
 
     #[test]

@@ -95,12 +95,12 @@ pub fn fingerprint(config: &ValidConfig) -> [u8; 32] {
     for path in [
         &config.devices.ca,
         &config.devices.cert,
-        &config.devices.key,
         &config.cloud.ca,
         &config.cloud.cert,
     ]
     .into_iter()
     .map(PathBuf::as_path)
+    .chain(config.devices.key.file())
     .chain(config.cloud.key.file())
     {
         match std::fs::read(path) {

@@ -11,8 +11,8 @@ use crate::config::{KeySource, ValidConfig};
 use crate::ingress::{IngressSettings, WebSocketListen};
 use crate::queue::QueueConfig;
 use crate::tls::{
-    TlsError, UplinkTlsOptions, device_server_config, uplink_client_config,
-    uplink_client_config_with_token,
+    TlsError, UplinkTlsOptions, device_server_config, device_server_config_with_token,
+    uplink_client_config, uplink_client_config_with_token,
 };
 use crate::uplink::UplinkSettings;
 
@@ -26,7 +26,7 @@ const INGRESS_INFLIGHT_BYTES: usize = 16 << 20;
 #[non_exhaustive]
 pub enum PlanError {
     /// The device listener's TLS material is unusable.
-    #[error("device listener TLS ([devices] ca, cert, key)")]
+    #[error("device listener TLS ([devices] ca, cert, key, pkcs11_*)")]
     DeviceTls(#[source] TlsError),
     /// The uplink's TLS material is unusable.
     #[error("uplink TLS ([cloud] ca, cert, key, pkcs11_*)")]
@@ -56,8 +56,13 @@ impl GatewayPlan {
         let devices = &config.devices;
         let cloud = &config.cloud;
         let max_envelope = usize::try_from(config.envelope.max_size).unwrap_or(usize::MAX);
-        let device_tls = device_server_config(&devices.ca, &devices.cert, &devices.key)
-            .map_err(PlanError::DeviceTls)?;
+        let device_tls = match &devices.key {
+            KeySource::File(key) => device_server_config(&devices.ca, &devices.cert, key),
+            KeySource::Pkcs11(token_key) => {
+                device_server_config_with_token(&devices.ca, &devices.cert, token_key)
+            }
+        }
+        .map_err(PlanError::DeviceTls)?;
         let uplink_options = UplinkTlsOptions {
             ca: cloud.ca.clone(),
             cert: cloud.cert.clone(),

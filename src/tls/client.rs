@@ -180,6 +180,7 @@ fn build_client_config(
             })?;
             let signing_key = open_token_key(token_key, &opts.cert, leaf)
                 .map_err(|error| TlsError::Token { error })?;
+            tracing::info!(key = %token_key.uri, scheme = ?signing_key.scheme(), "uplink key is in a PKCS#11 token");
             let certified = CertifiedKey::new(chain, Arc::new(signing_key));
             builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
         }

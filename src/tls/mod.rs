@@ -30,7 +30,7 @@ pub use client::{
 };
 pub use identity::{certificate_identities, identity_matches, not_after, spki_sha256};
 pub use pem::{load_certs, load_private_key, load_root_store};
-pub use server::device_server_config;
+pub use server::{device_server_config, device_server_config_with_token};
 
 /// What can go wrong while loading TLS material or building a configuration.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,5 @@
-//! The gateway's private key in a PKCS#11 token (a TPM 2.0 through `tpm2-pkcs11`, a
+//! The gateway's private keys (the uplink's, optionally the device listener's) in a
+//! PKCS#11 token (a TPM 2.0 through `tpm2-pkcs11`, a
 //! secure element, SoftHSM2): the key signs inside the token and is never exported.
 //!
 //! - [`Pkcs11Key`]: what the config names (module, `pkcs11:` URI, where the PIN is).
@@ -136,11 +137,11 @@ impl TokenError {
     /// What the operator can do about it.
     pub fn hint(&self) -> String {
         match self {
-            Self::ModuleNotFound { .. } => "install the module's package (softhsm2, libtpm2-pkcs11-1, your secure element's) or correct cloud.pkcs11_module".to_owned(),
+            Self::ModuleNotFound { .. } => "install the module's package (softhsm2, libtpm2-pkcs11-1, your secure element's) or correct pkcs11_module".to_owned(),
             Self::ModuleNotLoadable { .. } => "is it a PKCS#11 module built for this architecture? `pkcs11-tool --module <path> -L` tests it".to_owned(),
             Self::TokenNotFound { present, .. } if present.is_empty() => "the module shows no initialised token: initialise one (softhsm2-util --init-token, tpm2_ptool addtoken), and check that the service user can reach the token's store".to_owned(),
             Self::TokenNotFound { .. } => "set token= in the pkcs11: URI to one of the labels present".to_owned(),
-            Self::Pin(_) => "the PIN comes from cloud.pkcs11_pin_file (mode 0600, owned by the service user) or from the systemd credential cloud.pkcs11_pin_credential (LoadCredential=)".to_owned(),
+            Self::Pin(_) => "the PIN comes from pkcs11_pin_file (mode 0600, owned by the service user) or from the systemd credential pkcs11_pin_credential (LoadCredential=)".to_owned(),
             Self::WrongPin { tries: PinTries::FinalTry, .. } => "one try remains before the PIN locks: fix the PIN file before the next start".to_owned(),
             Self::WrongPin { .. } => "put the token's user PIN into the PIN file (only the PIN, one line); each wrong PIN counts against the token's retry limit".to_owned(),
             Self::PinLocked { .. } => "the security officer must unlock it (softhsm2-util/pkcs11-tool --init-pin with the SO PIN, tpm2_ptool changepin)".to_owned(),

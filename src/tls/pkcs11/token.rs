@@ -113,7 +113,6 @@ pub fn open_token_key(
     let open = open_key(key, &uri)?;
     let curve = key_curve(&open.session, open.key, &uri)?;
     let spki = check_certificate(&open.session, open.key, curve, cert, leaf, &uri)?;
-    tracing::info!(key = %uri, scheme = ?curve.scheme(), "uplink key is in a PKCS#11 token");
     Ok(TokenSigningKey::new(open, key.clone(), curve, spki))
 }
 
@@ -229,19 +228,23 @@ fn find_key(session: &Session, key: &Pkcs11Key, uri: &str) -> Result<ObjectHandl
     }
 }
 
-/// Labels of the private keys visible in `session` (empty if they cannot be listed).
+/// Labels of the private keys visible in `session`, sorted (empty if they cannot be
+/// listed).
 fn private_key_labels(session: &Session) -> Vec<String> {
     let keys = session
         .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
         .unwrap_or_default();
-    keys.into_iter()
+    let mut labels: Vec<String> = keys
+        .into_iter()
         .filter_map(|handle| session.get_attributes(handle, &[AttributeType::Label]).ok())
         .flatten()
         .filter_map(|attribute| match attribute {
             Attribute::Label(label) => Some(String::from_utf8_lossy(&label).into_owned()),
             _ => None,
         })
-        .collect()
+        .collect();
+    labels.sort();
+    labels
 }
 
 fn key_curve(session: &Session, handle: ObjectHandle, uri: &str) -> Result<Curve, TokenError> {

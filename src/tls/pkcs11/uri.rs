@@ -162,7 +162,7 @@ impl fmt::Display for Pkcs11Uri {
 fn pin_in_uri() -> UriError {
     refuse(
         "the pkcs11: URI holds a PIN (pin-value); a PIN never goes into the config",
-        "remove pin-value and set cloud.pkcs11_pin_file (mode 0600) or cloud.pkcs11_pin_credential (systemd LoadCredential=)",
+        "remove pin-value and set pkcs11_pin_file (mode 0600) or pkcs11_pin_credential (systemd LoadCredential=) in the same section",
     )
 }
 
