@@ -1,6 +1,6 @@
 //! The gateway's private keys (the uplink's, optionally the device listener's) in a
-//! PKCS#11 token (a TPM 2.0 through `tpm2-pkcs11`, a
-//! secure element, SoftHSM2): the key signs inside the token and is never exported.
+//! PKCS#11 token (a TPM 2.0 through `tpm2-pkcs11`, a secure element, SoftHSM2): the
+//! key signs inside the token and is never exported.
 //!
 //! - [`Pkcs11Key`]: what the config names (module, `pkcs11:` URI, where the PIN is).
 //! - [`open_token_key`]: loads the module, finds the token, logs in, finds the key and
