@@ -10,13 +10,12 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
     CertificateError, CipherSuite, ClientConfig, DigitallySignedStruct, OtherError,
     SignatureScheme, SupportedCipherSuite,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-
-use rustls::sign::{CertifiedKey, SingleCertAndKey};
 
 use super::identity::spki_sha256;
 use super::pem::{load_certs, load_private_key, load_root_store};

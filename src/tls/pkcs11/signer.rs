@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
@@ -19,6 +20,10 @@ use rustls::{SignatureAlgorithm, SignatureScheme};
 use rustls_pki_types::SubjectPublicKeyInfoDer;
 
 use super::Pkcs11Key;
+use crate::log_limit::LogLimiter;
+
+/// A failing token is logged at most once a minute per kind of failure.
+const LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The EC curves the token key may be on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +92,7 @@ struct Inner {
     spki: Vec<u8>,
     /// The URI, for logs.
     uri: String,
+    logs: LogLimiter,
 }
 
 impl fmt::Debug for TokenSigningKey {
@@ -113,6 +119,7 @@ impl TokenSigningKey {
                 source,
                 curve,
                 spki,
+                logs: LogLimiter::new(LOG_INTERVAL),
             }),
         }
     }
@@ -134,7 +141,9 @@ impl TokenSigningKey {
             .map_err(|_| "the token session is unusable after a panic".to_owned())?;
         match sign_with(&open.session, open.key, inner.curve, message) {
             Err(SignError::Token(err)) if session_lost(&err) => {
-                tracing::warn!(key = %inner.uri, "the PKCS#11 session was lost ({err}); opening it again");
+                if let Some(suppressed) = inner.logs.check("session_lost") {
+                    tracing::warn!(key = %inner.uri, suppressed, "the PKCS#11 session was lost ({err}); opening it again");
+                }
                 *open = super::token::reopen(&inner.source).map_err(|err| err.to_string())?;
                 sign_with(&open.session, open.key, inner.curve, message)
                     .map_err(|err| err.to_string())
@@ -206,7 +215,9 @@ impl SigningKey for TokenSigningKey {
 impl Signer for TokenSigningKey {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
         self.sign_message(message).map_err(|reason| {
-            tracing::error!(key = %self.inner.uri, "the PKCS#11 token did not sign the handshake: {reason}");
+            if let Some(suppressed) = self.inner.logs.check("sign_failed") {
+                tracing::error!(key = %self.inner.uri, suppressed, "the PKCS#11 token did not sign the handshake: {reason}");
+            }
             rustls::Error::General(format!("PKCS#11 token did not sign: {reason}"))
         })
     }
