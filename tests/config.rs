@@ -68,7 +68,10 @@ fn the_example_file_holds_the_installed_values() {
     assert_eq!(config.gateway.id, "gw-1");
     assert_eq!(config.gateway.data_dir, Path::new("/var/lib/blindgate"));
     assert_eq!(config.devices.ca, dir.join("certs/device-ca.pem"));
-    assert_eq!(config.devices.key, dir.join("certs/gateway-devices.key"));
+    assert_eq!(
+        config.devices.key.file(),
+        Some(dir.join("certs/gateway-devices.key").as_path())
+    );
     assert_eq!(config.cloud.cert, dir.join("certs/gateway-client.pem"));
     assert_eq!(
         config.cloud.endpoints,
@@ -120,14 +123,14 @@ fn the_lab_config_differs_from_the_example_only_in_lab_values() {
     example.devices.listen = SocketAddr::from(([127, 0, 0, 1], 8883));
     example.devices.ca = at("device-ca.pem");
     example.devices.cert = at("gateway-devices.pem");
-    example.devices.key = at("gateway-devices.key");
+    example.devices.key = config::KeySource::File(at("gateway-devices.key"));
     example.cloud.endpoints = vec![Endpoint {
         host: "localhost".into(),
         port: 8884,
     }];
     example.cloud.ca = at("cloud-ca.pem");
     example.cloud.cert = at("gateway-client.pem");
-    example.cloud.key = at("gateway-client.key");
+    example.cloud.key = config::KeySource::File(at("gateway-client.key"));
     assert_eq!(lab_config, example);
     // The comments come along: the lab file is the example, annotated.
     assert!(lab.gateway.1.contains("# Required. This gateway's name"));
@@ -396,8 +399,8 @@ key = "certs/gateway-client.key"
     );
     assert_eq!(config.devices.cert, Path::new("/abs/gateway-devices.pem"));
     assert_eq!(
-        config.devices.key,
-        Path::new("/srv/site/../keys/gateway-devices.key")
+        config.devices.key.file(),
+        Some(Path::new("/srv/site/../keys/gateway-devices.key"))
     );
     assert_eq!(config.cloud.ca, Path::new("/srv/site/certs/cloud-ca.pem"));
 }

@@ -59,7 +59,7 @@ use x509_parser::prelude::FromDer as _;
 
 use super::diagnostics::{Positions, Problem, line_column, sort};
 use super::units::format_byte_size;
-use super::{ConfigError, Diagnostic, QueueSection, Sections, Severity, ValidConfig};
+use super::{ConfigError, Diagnostic, KeySource, QueueSection, Sections, Severity, ValidConfig};
 
 /// A certificate that expires within this many days gets a warning.
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
@@ -258,10 +258,11 @@ fn check_sections(env: &mut Env<'_>, sections: &Sections, ports: PortCheck) {
         let pair = TlsFiles {
             ca: ("devices.ca", &devices.ca),
             cert: ("devices.cert", &devices.cert),
-            key: ("devices.key", &devices.key),
+            key: ("devices.key", devices.key.file()),
             side: Side::DeviceListener,
         };
         env.tls_files(&pair);
+        env.token_key("devices.key", "devices.cert", &devices.key, &devices.cert);
         if ports == PortCheck::Bind {
             env.listener("devices.listen", devices.listen);
             if let Some(addr) = devices.plaintext_listen {
@@ -276,10 +277,11 @@ fn check_sections(env: &mut Env<'_>, sections: &Sections, ports: PortCheck) {
         let pair = TlsFiles {
             ca: ("cloud.ca", &cloud.ca),
             cert: ("cloud.cert", &cloud.cert),
-            key: ("cloud.key", &cloud.key),
+            key: ("cloud.key", cloud.key.file()),
             side: Side::GatewayClient,
         };
         env.tls_files(&pair);
+        env.token_key("cloud.key", "cloud.cert", &cloud.key, &cloud.cert);
     }
     if let (Some(metrics), PortCheck::Bind) = (&sections.metrics, ports)
         && let Some(addr) = metrics.listen
@@ -309,7 +311,8 @@ enum Side {
 struct TlsFiles<'a> {
     ca: (&'a str, &'a Path),
     cert: (&'a str, &'a Path),
-    key: (&'a str, &'a Path),
+    /// `None`: the key is in a PKCS#11 token (checked by `check_pkcs11`).
+    key: (&'a str, Option<&'a Path>),
     side: Side,
 }
 
@@ -377,6 +380,18 @@ impl<'p> Env<'p> {
         }
     }
 
+    /// A key in a PKCS#11 token: opened and checked against the certificate, as at
+    /// start (nothing for a key file).
+    fn token_key(&mut self, key_key: &str, cert_key: &str, key: &KeySource, cert: &Path) {
+        if let KeySource::Pkcs11(token_key) = key
+            && !self.skip(key_key)
+            && !self.skip(cert_key)
+            && let Some(problem) = super::check_pkcs11::token_key_problem(token_key, cert)
+        {
+            self.error(key_key, problem);
+        }
+    }
+
     /// The CA, certificate and key checks of one TLS identity.
     fn tls_files(&mut self, files: &TlsFiles<'_>) {
         let (ca_key, ca_path) = files.ca;
@@ -390,11 +405,13 @@ impl<'p> Env<'p> {
             true => None,
             false => self.certificates(cert_key, cert_path, false),
         };
-        let signing_key = match self.skip(key_key) {
-            true => None,
-            false => self.private_key(key_key, key_path),
+        let signing_key = match (self.skip(key_key), key_path) {
+            (false, Some(key_path)) => self
+                .private_key(key_key, key_path)
+                .map(|signing_key| (key_path, signing_key)),
+            _ => None,
         };
-        if let (Some(chain), Some(signing_key)) = (&chain, &signing_key) {
+        if let (Some(chain), Some((key_path, signing_key))) = (&chain, &signing_key) {
             self.key_matches(
                 key_key,
                 key_path,
@@ -1089,7 +1106,7 @@ fn check_cloud_ingest(
         env.tls_files(&TlsFiles {
             ca: ("broker.ca", &ca),
             cert: ("broker.cert", &cert),
-            key: ("broker.key", &key),
+            key: ("broker.key", Some(&key)),
             side: Side::IngestClient,
         });
     }

@@ -18,7 +18,9 @@
 //! test compares them).
 
 mod check;
+mod check_pkcs11;
 mod diagnostics;
+mod key_source;
 pub mod units;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
@@ -34,6 +36,7 @@ pub use check::{
     PortCheck, check_command, check_config_file, load_checked,
 };
 pub use diagnostics::{ConfigError, Diagnostic, Severity};
+pub use key_source::KeySource;
 
 use diagnostics::{Positions, Problem, Reporter, did_you_mean, field_names};
 use units::{ByteSize, Count, HumanDuration, format_byte_size, format_duration};
@@ -92,8 +95,9 @@ pub struct DevicesSection {
     pub ca: PathBuf,
     /// The gateway's certificate chain for the device listener. Required.
     pub cert: PathBuf,
-    /// The private key of `cert`. Required.
-    pub key: PathBuf,
+    /// The private key of `cert`: a PEM file, or a `pkcs11:` URI with
+    /// `pkcs11_module` and a PIN source, as in `[cloud]`. Required.
+    pub key: KeySource,
     /// Plain MQTT listener for lab use. Default: none (off; `""` also means off).
     /// Only a loopback address unless `plaintext_allow_non_loopback`.
     pub plaintext_listen: Option<SocketAddr>,
@@ -159,8 +163,9 @@ pub struct CloudSection {
     pub ca: PathBuf,
     /// The gateway's client certificate chain. Required.
     pub cert: PathBuf,
-    /// The private key of `cert`. Required.
-    pub key: PathBuf,
+    /// The private key of `cert`: a PEM file, or a `pkcs11:` URI with
+    /// `pkcs11_module` and a PIN source (the key then stays in the token). Required.
+    pub key: KeySource,
     /// SHA-256 pins of accepted broker public keys (SPKI), checked on top of CA
     /// validation. Default: none (no pinning).
     pub pins: Vec<[u8; 32]>,
@@ -322,6 +327,9 @@ struct RawDevices {
     ca: Opt<String>,
     cert: Opt<String>,
     key: Opt<String>,
+    pkcs11_module: Opt<String>,
+    pkcs11_pin_file: Opt<String>,
+    pkcs11_pin_credential: Opt<String>,
     plaintext_listen: Opt<String>,
     plaintext_allow_non_loopback: Opt<bool>,
     websocket_listen: Opt<String>,
@@ -360,6 +368,9 @@ struct RawCloud {
     ca: Opt<String>,
     cert: Opt<String>,
     key: Opt<String>,
+    pkcs11_module: Opt<String>,
+    pkcs11_pin_file: Opt<String>,
+    pkcs11_pin_credential: Opt<String>,
     pins: Opt<Vec<Spanned<String>>>,
     cipher_order: Opt<CipherOrder>,
     client_id: Opt<String>,
@@ -656,7 +667,15 @@ fn devices_section(
     let listen = optional!(s, raw.listen, DEFAULT_DEVICES_LISTEN, socket_addr);
     let ca = required!(s, raw.ca, r#""/etc/blindgate/device-ca.pem""#, path);
     let cert = required!(s, raw.cert, r#""/etc/blindgate/gateway-devices.pem""#, path);
-    let key = required!(s, raw.key, r#""/etc/blindgate/gateway-devices.key""#, path);
+    let key = required!(s, raw.key, r#""/etc/blindgate/gateway-devices.key""#, |k| {
+        key_source::key_text(base, k)
+    });
+    let token_keys = key_source::RawTokenKeys {
+        module: raw.pkcs11_module,
+        pin_file: raw.pkcs11_pin_file,
+        pin_credential: raw.pkcs11_pin_credential,
+    };
+    let key = key_source::key_source(&mut s, key, token_keys, base);
     let plaintext_listen = optional!(s, raw.plaintext_listen, None, optional_socket_addr);
     let plaintext_allow_non_loopback = optional!(s, raw.plaintext_allow_non_loopback, false, Ok);
     let websocket_listen = optional!(s, raw.websocket_listen, None, optional_socket_addr);
@@ -813,7 +832,15 @@ fn cloud_section(
     let endpoints = cloud_endpoints(&mut s, raw.endpoints);
     let ca = required!(s, raw.ca, r#""/etc/blindgate/cloud-ca.pem""#, path);
     let cert = required!(s, raw.cert, r#""/etc/blindgate/gateway-client.pem""#, path);
-    let key = required!(s, raw.key, r#""/etc/blindgate/gateway-client.key""#, path);
+    let key = required!(s, raw.key, r#""/etc/blindgate/gateway-client.key""#, |k| {
+        key_source::key_text(base, k)
+    });
+    let token_keys = key_source::RawTokenKeys {
+        module: raw.pkcs11_module,
+        pin_file: raw.pkcs11_pin_file,
+        pin_credential: raw.pkcs11_pin_credential,
+    };
+    let key = key_source::key_source(&mut s, key, token_keys, base);
     let pins = s.list("pins", raw.pins, pin);
     let cipher_order = optional!(s, raw.cipher_order, DEFAULT_CIPHER_ORDER, Ok);
     let client_id = optional!(s, raw.client_id, String::new(), client_id);
@@ -1444,8 +1471,8 @@ mod tests {
             ]
         );
         assert!(keys_of("queue").contains(&"max_bytes"));
-        assert_eq!(keys_of("cloud").len(), 15);
-        assert_eq!(keys_of("devices").len(), 16);
+        assert_eq!(keys_of("cloud").len(), 18);
+        assert_eq!(keys_of("devices").len(), 19);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! page, warnings weeks before expiry, and a fingerprint of the TLS files so a
 //! certificate replaced on disk is noticed without a restart.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ring::digest;
 
@@ -95,11 +95,14 @@ pub fn fingerprint(config: &ValidConfig) -> [u8; 32] {
     for path in [
         &config.devices.ca,
         &config.devices.cert,
-        &config.devices.key,
         &config.cloud.ca,
         &config.cloud.cert,
-        &config.cloud.key,
-    ] {
+    ]
+    .into_iter()
+    .map(PathBuf::as_path)
+    .chain(config.devices.key.file())
+    .chain(config.cloud.key.file())
+    {
         match std::fs::read(path) {
             Ok(bytes) => {
                 context.update(&(bytes.len() as u64).to_be_bytes());

@@ -7,10 +7,13 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use super::GatewayPlan;
-use crate::config::ValidConfig;
+use crate::config::{KeySource, ValidConfig};
 use crate::ingress::{IngressSettings, WebSocketListen};
 use crate::queue::QueueConfig;
-use crate::tls::{TlsError, UplinkTlsOptions, device_server_config, uplink_client_config};
+use crate::tls::{
+    TlsError, UplinkTlsOptions, device_server_config, device_server_config_with_token,
+    uplink_client_config, uplink_client_config_with_token,
+};
 use crate::uplink::UplinkSettings;
 
 /// Bytes of MQTT framing and topic allowed on top of the largest envelope.
@@ -23,10 +26,10 @@ const INGRESS_INFLIGHT_BYTES: usize = 16 << 20;
 #[non_exhaustive]
 pub enum PlanError {
     /// The device listener's TLS material is unusable.
-    #[error("device listener TLS ([devices] ca, cert, key)")]
+    #[error("device listener TLS ([devices] ca, cert, key, pkcs11_*)")]
     DeviceTls(#[source] TlsError),
     /// The uplink's TLS material is unusable.
-    #[error("uplink TLS ([cloud] ca, cert, key)")]
+    #[error("uplink TLS ([cloud] ca, cert, key, pkcs11_*)")]
     UplinkTls(#[source] TlsError),
     /// The data directory cannot be created.
     #[error("cannot create data directory {path}")]
@@ -53,15 +56,26 @@ impl GatewayPlan {
         let devices = &config.devices;
         let cloud = &config.cloud;
         let max_envelope = usize::try_from(config.envelope.max_size).unwrap_or(usize::MAX);
-        let device_tls = device_server_config(&devices.ca, &devices.cert, &devices.key)
-            .map_err(PlanError::DeviceTls)?;
-        let uplink_tls = uplink_client_config(&UplinkTlsOptions {
+        let device_tls = match &devices.key {
+            KeySource::File(key) => device_server_config(&devices.ca, &devices.cert, key),
+            KeySource::Pkcs11(token_key) => {
+                device_server_config_with_token(&devices.ca, &devices.cert, token_key)
+            }
+        }
+        .map_err(PlanError::DeviceTls)?;
+        let uplink_options = UplinkTlsOptions {
             ca: cloud.ca.clone(),
             cert: cloud.cert.clone(),
-            key: cloud.key.clone(),
+            key: PathBuf::from(cloud.key.describe()),
             pins_sha256: cloud.pins.clone(),
             cipher_order: cloud.cipher_order,
-        })
+        };
+        let uplink_tls = match &cloud.key {
+            KeySource::File(_) => uplink_client_config(&uplink_options),
+            KeySource::Pkcs11(token_key) => {
+                uplink_client_config_with_token(&uplink_options, token_key)
+            }
+        }
         .map_err(PlanError::UplinkTls)?;
         let q = &config.queue;
         Ok(Self {

@@ -10,6 +10,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
     CertificateError, CipherSuite, ClientConfig, DigitallySignedStruct, OtherError,
     SignatureScheme, SupportedCipherSuite,
@@ -18,6 +19,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use super::identity::spki_sha256;
 use super::pem::{load_certs, load_private_key, load_root_store};
+use super::pkcs11::{Pkcs11Key, open_token_key};
 use super::{TlsError, ring_provider};
 
 /// What the uplink's TLS configuration is built from.
@@ -102,7 +104,29 @@ fn cpu_has_aes() -> bool {
 /// Any file that cannot be loaded (the error names it), a CA bundle rustls refuses, or
 /// a key that does not match the certificate.
 pub fn uplink_client_config(opts: &UplinkTlsOptions) -> Result<Arc<ClientConfig>, TlsError> {
-    build_client_config(opts, None)
+    build_client_config(opts, None, ClientKey::File)
+}
+
+/// As [`uplink_client_config`], but the private key is in a PKCS#11 token and signs
+/// there (`opts.key` is not read). The token is opened, logged in to and checked
+/// against the certificate now, so a problem stops the start.
+///
+/// # Errors
+/// As [`uplink_client_config`], and [`TlsError::Token`] for the token.
+pub fn uplink_client_config_with_token(
+    opts: &UplinkTlsOptions,
+    token_key: &Pkcs11Key,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    build_client_config(opts, None, ClientKey::Token(token_key))
+}
+
+/// Where the client's private key is.
+#[derive(Clone, Copy)]
+enum ClientKey<'a> {
+    /// The PEM file `UplinkTlsOptions::key`.
+    File,
+    /// A PKCS#11 token.
+    Token(&'a Pkcs11Key),
 }
 
 /// As [`uplink_client_config`], but the server certificate is checked against
@@ -119,12 +143,13 @@ pub fn client_config_for_server_name(
     let name = ServerName::try_from(server_name.to_owned()).map_err(|_| TlsError::ServerName {
         name: server_name.to_owned(),
     })?;
-    build_client_config(opts, Some(name))
+    build_client_config(opts, Some(name), ClientKey::File)
 }
 
 fn build_client_config(
     opts: &UplinkTlsOptions,
     server_name: Option<ServerName<'static>>,
+    client_key: ClientKey<'_>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = Arc::new(CryptoProvider {
         cipher_suites: ordered_tls13_suites(opts.cipher_order),
@@ -132,18 +157,33 @@ fn build_client_config(
     });
     let verifier = server_verifier(opts, server_name, &provider)?;
     let chain = load_certs(&opts.cert)?;
-    let key = load_private_key(&opts.key)?;
-    let config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Rustls)?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(chain, key)
-        .map_err(|source| TlsError::CertifiedKey {
-            cert: opts.cert.clone(),
-            key: opts.key.clone(),
-            source,
-        })?;
+        .with_custom_certificate_verifier(verifier);
+    let config = match client_key {
+        ClientKey::File => {
+            let key = load_private_key(&opts.key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|source| TlsError::CertifiedKey {
+                    cert: opts.cert.clone(),
+                    key: opts.key.clone(),
+                    source,
+                })?
+        }
+        ClientKey::Token(token_key) => {
+            let leaf = chain.first().ok_or_else(|| TlsError::NoCertificates {
+                path: opts.cert.clone(),
+            })?;
+            let signing_key = open_token_key(token_key, &opts.cert, leaf)
+                .map_err(|error| TlsError::Token { error })?;
+            tracing::info!(key = %token_key.uri, scheme = ?signing_key.scheme(), "uplink key is in a PKCS#11 token");
+            let certified = CertifiedKey::new(chain, Arc::new(signing_key));
+            builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
+        }
+    };
     Ok(Arc::new(config))
 }
 

@@ -9,6 +9,8 @@
 //! - [`certificate_identities`], [`identity_matches`], [`not_after`], [`spki_sha256`]:
 //!   what the gateway reads from a certificate.
 //! - [`load_certs`], [`load_private_key`], [`load_root_store`]: PEM files.
+//! - [`pkcs11`] and [`uplink_client_config_with_token`]: the uplink's key in a PKCS#11
+//!   token instead of a file.
 //!
 //! Only TLS 1.3 is ever enabled, and only the ring crypto provider is used (aws-lc is
 //! hard to build for ARM).
@@ -16,6 +18,7 @@
 mod client;
 mod identity;
 mod pem;
+pub mod pkcs11;
 mod server;
 
 use std::io;
@@ -23,11 +26,11 @@ use std::path::PathBuf;
 
 pub use client::{
     CipherOrder, UplinkTlsOptions, cipher_order_names, client_config_for_server_name, parse_pin,
-    uplink_client_config,
+    uplink_client_config, uplink_client_config_with_token,
 };
 pub use identity::{certificate_identities, identity_matches, not_after, spki_sha256};
 pub use pem::{load_certs, load_private_key, load_root_store};
-pub use server::device_server_config;
+pub use server::{device_server_config, device_server_config_with_token};
 
 /// What can go wrong while loading TLS material or building a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +107,13 @@ pub enum TlsError {
     },
     #[error("server certificate public key matches none of the configured SHA-256 pins")]
     PinMismatch,
+    /// The private key is in a PKCS#11 token that cannot be used; the text ends with
+    /// the hint.
+    #[error("{error}; hint: {}", .error.hint())]
+    Token {
+        /// What went wrong.
+        error: pkcs11::TokenError,
+    },
     /// A certificate is not valid X.509 DER.
     #[error("cannot parse X.509 certificate")]
     Certificate(#[source] x509_parser::error::X509Error),

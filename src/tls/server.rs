@@ -1,4 +1,5 @@
-//! The device listener's TLS configuration: TLS 1.3 only, client certificate required.
+//! The device listener's TLS configuration: TLS 1.3 only, client certificate required;
+//! the listener's key in a PEM file or in a PKCS#11 token.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -6,7 +7,10 @@ use std::sync::Arc;
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+
 use super::pem::{load_certs, load_private_key, load_root_store};
+use super::pkcs11::{Pkcs11Key, open_token_key};
 use super::{TlsError, ring_provider};
 
 /// Builds the device listener's configuration.
@@ -26,17 +30,9 @@ pub fn device_server_config(
     cert: &Path,
     key: &Path,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = Arc::new(ring_provider());
-    let roots = Arc::new(load_root_store(ca)?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
-        .build()
-        .map_err(TlsError::Verifier)?;
     let chain = load_certs(cert)?;
     let private_key = load_private_key(key)?;
-    let config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(TlsError::Rustls)?
-        .with_client_cert_verifier(verifier)
+    let config = builder(ca)?
         .with_single_cert(chain, private_key)
         .map_err(|source| TlsError::CertifiedKey {
             cert: cert.into(),
@@ -44,6 +40,44 @@ pub fn device_server_config(
             source,
         })?;
     Ok(Arc::new(config))
+}
+
+/// As [`device_server_config`], but the private key is in a PKCS#11 token and signs
+/// there. The token is opened and checked against the certificate now.
+///
+/// # Errors
+/// As [`device_server_config`], and [`TlsError::Token`] for the token.
+pub fn device_server_config_with_token(
+    ca: &Path,
+    cert: &Path,
+    token_key: &Pkcs11Key,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = builder(ca)?;
+    let chain = load_certs(cert)?;
+    let leaf = chain.first().ok_or_else(|| TlsError::NoCertificates {
+        path: cert.to_owned(),
+    })?;
+    let signing_key =
+        open_token_key(token_key, cert, leaf).map_err(|error| TlsError::Token { error })?;
+    tracing::info!(key = %token_key.uri, scheme = ?signing_key.scheme(), "device listener key is in a PKCS#11 token");
+    let certified = CertifiedKey::new(chain, Arc::new(signing_key));
+    let config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    Ok(Arc::new(config))
+}
+
+/// TLS 1.3, ring, client certificates chaining to `ca` required.
+fn builder(
+    ca: &Path,
+) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>, TlsError> {
+    let provider = Arc::new(ring_provider());
+    let roots = Arc::new(load_root_store(ca)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
+        .build()
+        .map_err(TlsError::Verifier)?;
+    Ok(ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Rustls)?
+        .with_client_cert_verifier(verifier))
 }
 
 #[cfg(test)]
