@@ -1,0 +1,269 @@
+//! The device load generator: one TLS connection per simulated device, each publishing
+//! real E3 envelopes (QoS 1, pipelined within a window of unacknowledged publishes,
+//! written in batches) whose sealed plaintext is stamped with the run, the device, the
+//! seq and the send time, so the counter can check loss, order and latency.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use blindgate::pki::DevPki;
+use bytes::BytesMut;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{Disconnect, Packet, Publish};
+use tokio::io::{AsyncWriteExt as _, ReadHalf, WriteHalf};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::mqtt::{Stream, mqtt_connect, read_packet, tls_config};
+
+/// Plaintext prefix: run id (u32), device index (u32), seq (u64), send time (u64 ns).
+const STAMP_LEN: usize = 24;
+/// Most publishes written in one batch (one `write_all`).
+const MAX_BATCH: usize = 64;
+
+pub(crate) struct Device {
+    name: String,
+    key: e3::DeviceKey,
+    /// Device certificate (device CA), for both gateways.
+    tls_gateway: Arc<rustls::ClientConfig>,
+}
+
+/// The device key of device `name` at position `index` (the same for the generator and
+/// the counter).
+pub(crate) fn device_key(name: &str, index: usize) -> Result<e3::DeviceKey> {
+    let id = e3::DeviceId::new(name).map_err(|e| anyhow!("device id {name}: {e:?}"))?;
+    let mut secret = [0x5a_u8; 32];
+    secret[..8].copy_from_slice(&(index as u64).to_be_bytes());
+    Ok(e3::DeviceKey::new(
+        id,
+        1,
+        e3::Suite::ChaCha20Poly1305,
+        secret,
+    ))
+}
+
+/// The devices of `pki`, in its order (index = position).
+pub(crate) fn devices(pki: &DevPki) -> Result<Vec<Arc<Device>>> {
+    let mut devices = Vec::new();
+    for (i, (name, paths)) in pki.devices.iter().enumerate() {
+        devices.push(Arc::new(Device {
+            name: name.clone(),
+            key: device_key(name, i)?,
+            tls_gateway: tls_config(&pki.device_ca.cert, &paths.cert, &paths.key)?,
+        }));
+    }
+    Ok(devices)
+}
+
+/// What every device does in one phase of a scenario.
+#[derive(Clone, Copy)]
+pub(crate) struct Phase {
+    pub(crate) run: u32,
+    pub(crate) envelope_size: usize,
+    pub(crate) seconds: f64,
+    /// Messages per second per device; `None` = as fast as the window allows.
+    pub(crate) rate_per_device: Option<f64>,
+    pub(crate) window: usize,
+}
+
+/// One device's side of a phase.
+#[derive(Default)]
+pub(crate) struct DevResult {
+    pub(crate) sent: u64,
+    pub(crate) acked: u64,
+    pub(crate) ack_latencies_ns: Vec<u64>,
+    pub(crate) pkid_mismatch: u64,
+}
+
+/// Where the devices publish: a gateway, or the cloud broker itself.
+pub(crate) struct Target {
+    pub(crate) name: &'static str,
+    pub(crate) port: u16,
+    pub(crate) topic_prefix: &'static str,
+    /// `None`: each device's own certificate; `Some`: this one (the direct ceiling
+    /// connects to the cloud broker, which trusts only the cloud CA).
+    pub(crate) tls_override: Option<Arc<rustls::ClientConfig>>,
+}
+
+fn stamp(buf: &mut [u8], run: u32, dev: u32, seq: u64, sent_ns: u64) {
+    buf[0..4].copy_from_slice(&run.to_be_bytes());
+    buf[4..8].copy_from_slice(&dev.to_be_bytes());
+    buf[8..16].copy_from_slice(&seq.to_be_bytes());
+    buf[16..24].copy_from_slice(&sent_ns.to_be_bytes());
+}
+
+/// Device `index` publishes to `target` for the phase (seqs above `first_seq`), then
+/// waits for every PUBACK (up to 60 s) and disconnects.
+pub(crate) async fn run_device(
+    target: Arc<Target>,
+    index: usize,
+    device: Arc<Device>,
+    phase: Phase,
+    first_seq: u64,
+    epoch: Instant,
+) -> Result<DevResult> {
+    let tls = target
+        .tls_override
+        .clone()
+        .unwrap_or_else(|| device.tls_gateway.clone());
+    // blindgate requires the client id to be the certificate's device id.
+    let (stream, buf) = mqtt_connect(target.port, tls, &device.name).await?;
+    let (rd, mut wr) = tokio::io::split(stream);
+    let window = Arc::new(Semaphore::new(phase.window));
+    let (tx, rx) = mpsc::unbounded_channel::<(u16, u64)>();
+    let reader = tokio::spawn(read_pubacks(rd, buf, rx, window.clone(), epoch));
+
+    let publisher = Publisher {
+        topic: format!("{}{}/up", target.topic_prefix, device.name),
+        device: device.clone(),
+        index,
+        phase,
+        epoch,
+    };
+    let sent = publisher.run(&mut wr, &window, &tx, first_seq).await?;
+
+    // Every publish acknowledged: all permits are back.
+    let all = u32::try_from(phase.window)?;
+    let drained = tokio::time::timeout(Duration::from_secs(60), window.acquire_many(all)).await;
+    let mut out = BytesMut::new();
+    Disconnect.write(&mut out)?;
+    let _ = wr.write_all(&out).await;
+    let _ = wr.shutdown().await;
+    drop(tx);
+    let mut result = match tokio::time::timeout(Duration::from_secs(5), reader).await {
+        Ok(joined) => joined??,
+        Err(_) => bail!("{}: connection not closed after DISCONNECT", device.name),
+    };
+    if drained.is_err() {
+        eprintln!(
+            "{}: {} of {sent} publishes never acknowledged",
+            device.name,
+            sent - result.acked
+        );
+    }
+    result.sent = sent;
+    Ok(result)
+}
+
+/// Reads PUBACKs until the connection closes, matching each to the oldest publish in
+/// flight (`(pkid, send time)` from `rx`) and returning its permit to `window`.
+async fn read_pubacks(
+    mut rd: ReadHalf<Stream>,
+    mut buf: BytesMut,
+    mut rx: UnboundedReceiver<(u16, u64)>,
+    window: Arc<Semaphore>,
+    epoch: Instant,
+) -> Result<DevResult> {
+    let mut r = DevResult::default();
+    while let Some(packet) = read_packet(&mut rd, &mut buf).await? {
+        if let Packet::PubAck(ack) = packet {
+            // Both gateways and the broker acknowledge in publish order.
+            let (pkid, sent) = rx
+                .recv()
+                .await
+                .ok_or_else(|| anyhow!("PUBACK for nothing"))?;
+            if pkid != ack.pkid {
+                r.pkid_mismatch += 1;
+            }
+            r.ack_latencies_ns
+                .push((epoch.elapsed().as_nanos() as u64).saturating_sub(sent));
+            r.acked += 1;
+            window.add_permits(1);
+        }
+    }
+    Ok(r)
+}
+
+/// The publishing side of one device in one phase.
+struct Publisher {
+    topic: String,
+    device: Arc<Device>,
+    index: usize,
+    phase: Phase,
+    epoch: Instant,
+}
+
+impl Publisher {
+    /// Publishes until the phase's time is up, at its rate or as fast as `window`
+    /// allows (then in batches of up to `MAX_BATCH`); returns how many were sent.
+    async fn run(
+        &self,
+        wr: &mut WriteHalf<Stream>,
+        window: &Semaphore,
+        tx: &UnboundedSender<(u16, u64)>,
+        first_seq: u64,
+    ) -> Result<u64> {
+        let phase = self.phase;
+        let pt_len = phase
+            .envelope_size
+            .saturating_sub(e3::envelope_len(self.device.name.len(), 0))
+            .max(STAMP_LEN);
+        let mut plaintext = vec![0_u8; pt_len];
+        let end = tokio::time::Instant::now() + Duration::from_secs_f64(phase.seconds);
+        let mut ticker = phase.rate_per_device.map(|rate| {
+            let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            t
+        });
+        let mut out = BytesMut::with_capacity(MAX_BATCH * (phase.envelope_size + 64));
+        let (mut seq, mut pkid, mut sent) = (first_seq, 0_u16, 0_u64);
+        loop {
+            if let Some(t) = ticker.as_mut() {
+                tokio::select! {
+                    _ = t.tick() => {}
+                    () = tokio::time::sleep_until(end) => break,
+                }
+            }
+            if tokio::time::Instant::now() >= end {
+                break;
+            }
+            let permit = tokio::select! {
+                p = window.acquire() => p?,
+                () = tokio::time::sleep_until(end) => break,
+            };
+            permit.forget();
+            let mut n = 1;
+            if ticker.is_none() {
+                while n < MAX_BATCH {
+                    let Ok(p) = window.try_acquire() else { break };
+                    p.forget();
+                    n += 1;
+                }
+            }
+            for _ in 0..n {
+                pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
+                seq += 1;
+                self.write_publish(&mut out, &mut plaintext, pkid, seq, tx)?;
+            }
+            wr.write_all(&out).await?;
+            out.clear();
+            sent += n as u64;
+        }
+        Ok(sent)
+    }
+
+    /// Stamps, seals and encodes one publish into `out`, and tells the PUBACK reader.
+    fn write_publish(
+        &self,
+        out: &mut BytesMut,
+        plaintext: &mut [u8],
+        pkid: u16,
+        seq: u64,
+        tx: &UnboundedSender<(u16, u64)>,
+    ) -> Result<()> {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        stamp(plaintext, self.phase.run, self.index as u32, seq, now);
+        let envelope = self
+            .device
+            .key
+            .seal(e3::Kind::Uplink, seq, plaintext)
+            .map_err(|e| anyhow!("seal: {e:?}"))?;
+        let mut publish = Publish::new(self.topic.as_str(), QoS::AtLeastOnce, envelope);
+        publish.pkid = pkid;
+        publish.write(out)?;
+        tx.send((pkid, now))
+            .map_err(|_| anyhow!("PUBACK reader stopped"))?;
+        Ok(())
+    }
+}
