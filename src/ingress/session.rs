@@ -224,7 +224,8 @@ impl Session {
                     }
                 }
             }
-            if conn.flush().await.is_err() {
+            if let Err(err) = conn.flush().await {
+                tracing::debug!(device = %self.device, error = %err, "writing to the device failed; closing");
                 return;
             }
             let can_read = self.can_read(max_inflight);
@@ -250,6 +251,7 @@ impl Session {
                 }
                 read = conn.reader.read_buf(&mut conn.inbuf), if can_read => {
                     if !matches!(read, Ok(n) if n > 0) {
+                        tracing::debug!(device = %self.device, read = ?read.map_err(|e| e.to_string()), "the device closed the connection");
                         // The device left (or the socket broke): finish what is in flight
                         // so durable records are counted; PUBACKs cannot be sent anyway.
                         return;

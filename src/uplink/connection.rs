@@ -26,6 +26,9 @@ use crate::ingress::validate::check_downlink;
 use crate::metrics::{Metrics, UplinkFailure};
 use crate::queue::Queue;
 
+/// Most events handled before the window is refilled.
+const EVENT_BATCH: usize = 256;
+
 /// How a connection ended.
 pub(crate) enum Ended {
     /// The gateway is stopping; the connection was closed cleanly.
@@ -108,11 +111,23 @@ impl Connection<'_> {
                 }
                 event = events.recv() => match event {
                     Some(Ok(event)) => {
-                        if let Err(reason) = self.on_event(&client, &mut flight, event).await {
+                        // Everything the event loop reported meanwhile (under load, a run
+                        // of PUBACKs), then one refill of the window for all of them.
+                        let (handled, failed) = self.on_events(&client, &mut flight, event, &mut events).await;
+                        self.fill(&client, &mut flight);
+                        if let Err(reason) = handled {
                             break Ended::Lost {
                                 was_connected: flight.is_some(),
                                 failure: UplinkFailure::Protocol,
                                 detail: reason.to_owned(),
+                            };
+                        }
+                        if let Some(err) = failed {
+                            let was_connected = flight.is_some();
+                            break Ended::Lost {
+                                was_connected,
+                                failure: super::failure::classify(&err, was_connected),
+                                detail: err.to_string(),
                             };
                         }
                     }
@@ -141,6 +156,30 @@ impl Connection<'_> {
         poller.abort();
         self.metrics.uplink_connected.set(0);
         ended
+    }
+
+    /// Handles `first` and then every event already waiting (at most [`EVENT_BATCH`]),
+    /// in order. Returns the first handling error, and the connection error if the
+    /// event loop reported one after them.
+    async fn on_events(
+        &self,
+        client: &AsyncClient,
+        flight: &mut Option<Flight>,
+        first: Event,
+        events: &mut mpsc::Receiver<Result<Event, rumqttc::ConnectionError>>,
+    ) -> (Result<(), &'static str>, Option<rumqttc::ConnectionError>) {
+        let mut handled = self.on_event(client, flight, first).await;
+        for _ in 1..EVENT_BATCH {
+            if handled.is_err() {
+                break;
+            }
+            match events.try_recv() {
+                Ok(Ok(event)) => handled = self.on_event(client, flight, event).await,
+                Ok(Err(err)) => return (handled, Some(err)),
+                Err(_) => break,
+            }
+        }
+        (handled, None)
     }
 
     async fn on_event(
@@ -175,9 +214,9 @@ impl Connection<'_> {
                 return Err("broker left a packet id unacknowledged for a whole cycle");
             }
             Event::Incoming(Incoming::PubAck(ack)) => {
+                // The caller refills the window once the waiting events are handled.
                 if let Some((device, id)) = flight.as_mut().and_then(|f| f.acked(ack.pkid)) {
                     self.settle(&device, id);
-                    self.fill(client, flight);
                 }
             }
             Event::Incoming(Incoming::Publish(publish)) => {
