@@ -6,9 +6,10 @@ use super::{DevPkiOptions, LabConfigs, PkiError, generate_dev_pki};
 
 /// Generate a development PKI: a cloud CA and a device CA, the cloud broker's, the
 /// gateway's, the cloud ingest's and each device's certificate (for local use only),
-/// and lab configs beside them: gateway.toml, cloud.toml and registry.toml (the
-/// installed examples with paths, endpoints and listeners for a lab in DIR; the cloud
-/// broker is expected at <cloud-host>:8884).
+/// and lab configs beside them: gateway.toml, cloud.toml, registry.toml and
+/// commands.toml (the installed examples with paths, endpoints and listeners for a lab
+/// in DIR, every lab device a `thermostat` in the command allowlist; the cloud broker
+/// is expected at <cloud-host>:8884).
 #[derive(Debug, Clone, clap::Args)]
 pub struct CertsDevArgs {
     /// Directory to write the PEM files and lab configs to.

@@ -145,13 +145,20 @@ impl DevPki {
 const GATEWAY_EXAMPLE: &str = include_str!("../../config/gateway.toml");
 /// The installed cloud ingest config, the base of the lab one.
 const CLOUD_EXAMPLE: &str = include_str!("../../config/cloud.toml");
+/// The installed command allowlist, the base of the lab one.
+const COMMANDS_EXAMPLE: &str = include_str!("../../config/commands.toml");
+/// The device type every lab device gets in the lab command allowlist.
+const LAB_DEVICE_TYPE: &str = "thermostat";
+/// The commented-out schema line of the example cloud config, set in the lab one.
+const SCHEMA_LINE: &str = "# schema = \"commands.toml\"";
 /// Mode of the lab config files (no secrets in them).
 const CONFIG_MODE: u32 = 0o644;
 /// The cloud broker's port in the lab (8883 is the gateway's device listener).
 pub const LAB_BROKER_PORT: u16 = 8884;
 
-/// Lab configs for a dev PKI: `gateway.toml`, `cloud.toml` and `registry.toml` in the
-/// PKI's directory, with paths relative to it (so the directory can be moved).
+/// Lab configs for a dev PKI: `gateway.toml`, `cloud.toml`, `registry.toml` and
+/// `commands.toml` in the PKI's directory, with paths relative to it (so the directory
+/// can be moved).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabConfigs {
     /// `DIR/gateway.toml`: state in `DIR/var/gateway`, devices on 127.0.0.1:8883, the
@@ -162,6 +169,9 @@ pub struct LabConfigs {
     pub cloud: (PathBuf, String),
     /// `DIR/registry.toml`: one tenant, `lab`, with the gateway and every device.
     pub registry: (PathBuf, String),
+    /// `DIR/commands.toml`: the example command allowlist, every lab device a
+    /// `thermostat` (so `cloud send-command` works in the lab).
+    pub commands: (PathBuf, String),
 }
 
 impl LabConfigs {
@@ -228,16 +238,25 @@ impl LabConfigs {
             list(std::slice::from_ref(&opts.gateway_id)),
             list(&opts.devices),
         );
+        if !cloud.contains(SCHEMA_LINE) {
+            return Err(PkiError::LabConfig {
+                file: "cloud.toml",
+                key: "commands.schema".into(),
+            });
+        }
+        let cloud = cloud.replacen(SCHEMA_LINE, "schema = \"commands.toml\"", 1);
+        let commands = header("commands.toml") + &lab_commands(&opts.devices)?;
         Ok(Self {
             gateway: (dir.join("gateway.toml"), header("gateway.toml") + &gateway),
             cloud: (dir.join("cloud.toml"), header("cloud.toml") + &cloud),
             registry: (dir.join("registry.toml"), registry),
+            commands: (dir.join("commands.toml"), commands),
         })
     }
 
-    /// The three files and their contents.
-    pub fn files(&self) -> [&(PathBuf, String); 3] {
-        [&self.gateway, &self.cloud, &self.registry]
+    /// The four files and their contents.
+    pub fn files(&self) -> [&(PathBuf, String); 4] {
+        [&self.gateway, &self.cloud, &self.registry, &self.commands]
     }
 
     /// Refuses if one of the files exists (before anything is written).
@@ -255,7 +274,7 @@ impl LabConfigs {
         }
     }
 
-    /// Writes the three files (mode 0644, fsync'd); `force` replaces existing ones.
+    /// Writes the files (mode 0644, fsync'd); `force` replaces existing ones.
     ///
     /// # Errors
     /// [`PkiError::CreateDir`], [`PkiError::Write`].
@@ -268,6 +287,27 @@ impl LabConfigs {
         }
         Ok(())
     }
+}
+
+/// The example allowlist with its `[device_types]` entries replaced by `devices`, each
+/// a [`LAB_DEVICE_TYPE`].
+fn lab_commands(devices: &[String]) -> Result<String, PkiError> {
+    let missing = || PkiError::LabConfig {
+        file: "commands.toml",
+        key: "device_types".into(),
+    };
+    let (before, after) = COMMANDS_EXAMPLE
+        .split_once("[device_types]\n")
+        .ok_or_else(missing)?;
+    // The example's own entries run up to the first blank line.
+    let (_, rest) = after.split_once("\n\n").ok_or_else(missing)?;
+    let mut out = format!("{before}[device_types]\n");
+    for device in devices {
+        out.push_str(&format!("{device:?} = {LAB_DEVICE_TYPE:?}\n"));
+    }
+    out.push('\n');
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// `text` with the value of each `(section, key, value)` replaced; every key must be
@@ -783,6 +823,18 @@ mod tests {
         assert!(lab.gateway.1.contains("id = \"gw-lab\""));
         assert!(lab.cloud.1.contains("url = \"mqtts://[::1]:8884\""));
         assert!(lab.registry.1.contains("gateways = [\"gw-lab\"]"));
+        assert!(lab.cloud.1.contains("\nschema = \"commands.toml\"\n"));
+        assert!(
+            !lab.commands.1.contains("thermostat-1 ="),
+            "the example's devices are gone"
+        );
+        for device in &opts.devices {
+            assert!(
+                lab.commands
+                    .1
+                    .contains(&format!("{device:?} = \"thermostat\""))
+            );
+        }
         assert_eq!(lab.gateway.0, dir.path().join("pki/gateway.toml"));
 
         let missing = rewrite("x.toml", "[a]\nb = 1\n", &[("a", "c", "2".into())]);
