@@ -263,6 +263,8 @@ pub struct Metrics {
     pub queue_storage_events: IntCounterVec,
     /// Records a clean stop left that the next open did not find (damaged files).
     pub queue_lost_at_open: IntCounter,
+    /// Records sled could not recover that were found intact in a damaged copy.
+    pub queue_salvaged: IntCounter,
     /// The queue's byte cap (`queue.max_bytes`).
     pub queue_max_bytes: IntGauge,
     /// Uplink connection attempts that failed, and connections lost, by reason.
@@ -414,6 +416,11 @@ impl Metrics {
                 "Records the last clean stop left in the queue that the next open did not \
                  find: lost to damaged files (a lower bound).",
             ),
+            queue_salvaged: counter(
+                "queue_salvaged_total",
+                "Records the last clean stop left that sled could not recover from its \
+                 damaged files, found intact in a copy of them and queued again.",
+            ),
             queue_max_bytes: gauge("queue_max_bytes", "The queue's byte cap (queue.max_bytes)."),
             uplink_connection_failures: UplinkFailures(counter_vec(
                 "uplink_connection_failures_total",
@@ -487,6 +494,7 @@ impl Metrics {
             &counters.dropped_queue_bytes,
         );
         catch_up(&self.queue_lost_at_open, &counters.lost_at_open);
+        catch_up(&self.queue_salvaged, &counters.salvaged);
         for (event, value) in QUEUE_STORAGE_EVENTS.iter().zip([
             &counters.failed_commits,
             &counters.reopens,

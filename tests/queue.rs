@@ -106,7 +106,7 @@ async fn concurrent_publishes_share_fsyncs() {
 async fn refuse_policy_refuses_at_device_quota_and_queue_cap() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(&dir);
-    cfg.device_quota = 1000;
+    cfg.device_quota = 1100;
     cfg.max_bytes = 1500;
     let queue = Queue::open(cfg).expect("opens");
     let payload = Bytes::from(vec![0u8; 300]);
@@ -139,7 +139,7 @@ async fn refuse_policy_refuses_at_device_quota_and_queue_cap() {
 async fn drop_oldest_policy_drops_and_counts_each_drop() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(&dir);
-    cfg.device_quota = 1000;
+    cfg.device_quota = 1100;
     cfg.max_bytes = 10_000;
     cfg.overflow = Overflow::DropOldest;
     let queue = Queue::open(cfg).expect("opens");

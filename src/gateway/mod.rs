@@ -2,8 +2,9 @@
 //! metrics endpoint together, and stops them in the order that loses nothing.
 //!
 //! Stop order: stop accepting devices; let each session's pending queue writes finish
-//! and send their PUBACKs (bounded); close the queue (its writer finishes and removals
-//! are flushed); disconnect the uplink cleanly. The next start resumes from the queue.
+//! and send their PUBACKs (bounded); disconnect the uplink cleanly (bounded); close the
+//! queue (its writer finishes, removals are flushed, sled is closed and the clean-stop
+//! marker written). The next start resumes from the queue.
 
 pub mod certificates;
 mod health;
@@ -289,11 +290,13 @@ impl Gateway {
         for task in self.ingress_tasks {
             let _ = task.await;
         }
+        // The uplink stops before the queue closes, so the cloud's last acks are applied
+        // and flushed, and the clean-stop marker describes the queue as it stays.
+        self.stop_rest.cancel();
+        let _ = self.uplink_task.await;
         if let Err(err) = self.queue.close().await {
             tracing::error!(error = %err, "final queue flush failed; unflushed acknowledgements will be resent");
         }
-        self.stop_rest.cancel();
-        let _ = self.uplink_task.await;
         if let Some(task) = self.http_task {
             let _ = task.await;
         }

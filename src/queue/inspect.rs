@@ -23,7 +23,7 @@ use serde::Serialize;
 use std::sync::atomic::Ordering;
 
 use super::record::{self, RecordError};
-use super::store::{Store, clean_marker_path, rebuild_path, replaced_path};
+use super::store::{Store, clean_marker_path, copy_dir, rebuild_path, replaced_path};
 use super::{QueueConfig, QueueCounters};
 use crate::cli::ExitStatus;
 use crate::clock::now_ms;
@@ -89,6 +89,8 @@ pub struct Report {
     pub recovery: Vec<String>,
     /// Records the last clean stop left (`queue.clean`) that cannot be recovered.
     pub lost_since_clean_stop: u64,
+    /// Records sled cannot recover that a starting gateway salvages from the raw bytes.
+    pub salvageable: u64,
     /// Whole databases a gateway set aside because sled could not open them.
     pub set_aside: Vec<SetAside>,
     /// Directories of an interrupted rebuild (the next start finishes or removes them).
@@ -245,16 +247,25 @@ fn read_queue(path: &Path, report: &mut Report) -> Result<(), String> {
     };
     let lost = counters.lost_at_open.load(Ordering::Relaxed);
     report.lost_since_clean_stop = lost;
+    let salvaged = counters.salvaged.load(Ordering::Relaxed);
+    report.salvageable = salvaged;
     if lost > 0 {
         report.recovery.push(format!(
-            "{lost} records the last clean stop left cannot be recovered: sled cannot read \
-             past damage in its files"
+            "{lost} records the last clean stop left cannot be recovered: every copy of \
+             their bytes is damaged or gone"
+        ));
+    }
+    if salvaged > 0 {
+        report.recovery.push(format!(
+            "{salvaged} records sled cannot read past damage are intact in the raw files: a \
+             starting gateway salvages them (they are counted below as queued)"
         ));
     }
     if counters.databases_moved_aside.load(Ordering::Relaxed) > 0 {
         report.recovery.push(
-            "sled cannot open or fully read the database as it is: a starting gateway keeps a \
-             copy of it aside (queue.damaged-<time>) and keeps what can be recovered"
+            "the files changed since the last clean stop, or sled cannot open or fully read \
+             them: a starting gateway keeps a copy aside (queue.damaged-<time>) and keeps \
+             what can be recovered"
                 .to_owned(),
         );
     }
@@ -359,23 +370,6 @@ fn dir_size(path: &Path) -> u64 {
             _ => e.metadata().map_or(0, |m| m.len()),
         })
         .sum()
-}
-
-fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            fs::copy(entry.path(), target)?;
-        }
-    }
-    Ok(())
 }
 
 /// A private directory under the system's temporary directory, removed on drop.

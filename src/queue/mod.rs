@@ -14,18 +14,20 @@
 //! - On open, every record is checked (CRC-32 over key and value); a damaged one is
 //!   moved to the `quarantine` tree and counted, and the rest is kept.
 //! - sled 0.34 replays its log only up to the first message that fails its own
-//!   checksum; what was written after it is not recovered and never reaches this layer.
-//!   The queue gets back what sled allows: a damaged `conf` is set aside (sled writes a
-//!   fresh one), a snapshot pointing into damage is dropped so the whole log is
-//!   replayed, pages sled cannot read are read around (the readable records are copied
-//!   into a fresh database). Whenever that happens a copy of the damaged database is
-//!   kept next to the queue (`queue.damaged-<time>`, for `blindgate queue inspect`); a
-//!   database nothing can be read from is set aside whole and a fresh one started, so
-//!   the gateway keeps running.
-//! - A clean stop ([`Queue::close`]) leaves `queue.clean` with the number of records;
-//!   the next open compares and counts what is missing (`lost_at_open`), so damage
-//!   between a stop and a start is never silent. After a crash there is no such marker.
-//!   `tests/corruption.rs` measures all of this.
+//!   checksum, and overwrites what follows. The queue gets back what sled allows (a
+//!   damaged `conf` is set aside and sled writes a fresh one, a snapshot pointing into
+//!   damage is dropped so the whole log is replayed, pages sled cannot read are read
+//!   around), and salvages the rest: every record value is a self-checking frame
+//!   ([`record`]), so records sled cannot reach are found in the raw bytes of a copy of
+//!   the damaged database (`salvage`). Copies are kept next to the queue
+//!   (`queue.damaged-<time>`, for `blindgate queue inspect`); a database nothing can be
+//!   read from is set aside whole and a fresh one started, so the gateway keeps running.
+//! - A clean stop ([`Queue::close`]) closes sled and leaves `queue.clean` (`marker`):
+//!   the records it left and a fingerprint of sled's files. The next open copies files
+//!   that changed since aside before sled touches them, salvages the records the marker
+//!   names that sled did not give back, and counts what is still missing
+//!   (`lost_at_open`), so damage between a stop and a start is never silent. After a
+//!   crash there is no marker. `tests/corruption.rs` measures all of this.
 //!
 //! # Storage failures
 //!
@@ -48,6 +50,8 @@
 //! # Layout
 //!
 //! - `record`: the versioned on-disk format.
+//! - `marker`: the clean-stop marker.
+//! - `salvage`: finding records in the raw bytes of a damaged database.
 //! - `ledger`: bytes per device, caps, admission.
 //! - `store`: the sled database, reopening and rebuilding it.
 //! - `writer`: the group-commit task.
@@ -56,7 +60,9 @@
 mod durable;
 pub mod inspect;
 mod ledger;
+mod marker;
 pub mod record;
+mod salvage;
 mod store;
 mod writer;
 
@@ -73,6 +79,7 @@ pub use ledger::{DeviceUsage, Limit};
 pub use record::{Record, RecordId};
 
 use ledger::Ledger;
+use marker::CleanMarker;
 use store::Store;
 use writer::WriteRequest;
 
@@ -233,6 +240,9 @@ pub struct QueueCounters {
     /// Records (intact or quarantined) the last clean stop left that the next open did
     /// not find: lost to damage of sled's files (a lower bound).
     pub lost_at_open: AtomicU64,
+    /// Records the last clean stop left that sled could not recover and that were found
+    /// intact in a copy of the damaged files and queued again.
+    pub salvaged: AtomicU64,
 }
 
 /// A snapshot for metrics, health and `queue inspect`.
@@ -582,14 +592,45 @@ impl Queue {
             let _ = task.await;
         }
         self.flush().await?;
-        // What a clean stop leaves, for the next open to check (an ack after this
-        // withdraws it).
-        if let Some(store) = self.inner.current_store() {
-            let records = self.inner.ledger().total().records;
-            if store::write_clean_marker(&self.inner.config, records, store.quarantine.len() as u64)
-            {
-                self.inner.marker_written.store(true, Ordering::Release);
-            }
+        // What a clean stop leaves, for the next open to check: taken with sled closed,
+        // so the files' fingerprint is final (an ack after this withdraws it).
+        let Some(store) = write(&self.inner.store).take() else {
+            return Ok(());
+        };
+        let (devices, total) = {
+            let ledger = self.inner.ledger();
+            let devices: Vec<(String, u64)> = ledger
+                .devices()
+                .into_iter()
+                .map(|d| {
+                    let records = ledger.device(&d).records;
+                    (d, records)
+                })
+                .collect();
+            (devices, ledger.total().records)
+        };
+        let config = self.inner.config.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let stock = CleanMarker::take_stock(
+                &store.records,
+                store.quarantine.len() as u64,
+                &devices,
+                total,
+                &config.path,
+            );
+            // sled writes its last bytes when its last handle goes.
+            let closed = close_store(store);
+            stock.and_then(|mut marker| {
+                marker.files = marker::fingerprint(&config.path)?;
+                if !closed {
+                    tracing::debug!("the queue's database was still in use at the stop");
+                }
+                Ok(store::write_clean_marker(&config, &marker))
+            })
+        })
+        .await;
+        if matches!(written, Ok(Ok(true))) {
+            self.inner.marker_written.store(true, Ordering::Release);
         }
         Ok(())
     }
@@ -888,6 +929,25 @@ fn quarantine_record(
 }
 
 /// Locks a mutex; its data stays usable after a panic elsewhere (plain values).
+/// Drops the last handle of a store, waiting up to 2 s for others (a metrics scrape) to
+/// let go; false if some were still held. Blocking.
+fn close_store(mut store: Arc<Store>) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match Arc::try_unwrap(store) {
+            Ok(store) => {
+                drop(store);
+                return true;
+            }
+            Err(shared) if Instant::now() < deadline => {
+                store = shared;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

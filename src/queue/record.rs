@@ -1,18 +1,40 @@
-//! The on-disk record format, version 1.
+//! The on-disk record format.
 //!
 //! Key: `[id_len u8][device id][record id u64 BE]`, so records sort by device and, within
-//! a device, by arrival. Value: `[version u8][crc32 u32 BE][arrival ms u64 BE][payload]`,
-//! where the CRC-32 covers the key, the arrival time and the payload. A record whose CRC
-//! does not match, or whose key or value does not decode, is damaged: recovery moves it
-//! to quarantine instead of forwarding it or stopping.
+//! a device, by arrival.
+//!
+//! Value, version 2 (written): a self-describing frame that can be found and checked in
+//! raw bytes without sled, so records that sled's recovery cannot reach can still be
+//! salvaged from its files (`salvage`):
+//!
+//! ```text
+//! [tag "\x02bgq" 4][crc32 u32 BE][key_len u8][key][arrival ms u64 BE][payload_len u32 BE][payload]
+//! ```
+//!
+//! The CRC-32 covers everything after it. The key inside the value must equal sled's key.
+//!
+//! Value, version 1 (still read, from queues written by earlier releases):
+//! `[0x01][crc32 u32 BE][arrival ms u64 BE][payload]`, the CRC-32 over key, arrival and
+//! payload.
+//!
+//! A record whose CRC does not match, or whose key or value does not decode, is damaged:
+//! recovery moves it to quarantine instead of forwarding it or stopping.
 
 use bytes::Bytes;
 use thiserror::Error;
 
+/// The first four bytes of a version 2 value: the version, then `bgq`.
+pub const FRAME_TAG: [u8; 4] = *b"\x02bgq";
+/// Bytes of a version 2 value besides the key and the payload.
+pub const FRAME_OVERHEAD: usize = 4 + 4 + 1 + 8 + 4;
+/// Bytes of a value besides the payload, at most (version 2, a 64-byte device id).
+pub const VALUE_OVERHEAD: usize = FRAME_OVERHEAD + 1 + 64 + 8;
+/// The largest payload a frame may announce (`envelope.max_size` is at most 16 MiB);
+/// anything larger is not a frame.
+pub const MAX_FRAME_PAYLOAD: usize = 16 << 20;
 /// The record format this code writes.
-pub const RECORD_VERSION: u8 = 1;
-/// Bytes of a value besides the payload.
-pub const VALUE_OVERHEAD: usize = 1 + 4 + 8;
+pub const RECORD_VERSION: u8 = 2;
+const RECORD_VERSION_1: u8 = 1;
 
 /// Globally increasing record id (sled's persistent monotonic id generator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -82,7 +104,7 @@ pub fn decode_key(key: &[u8]) -> Result<(&str, RecordId), RecordError> {
     Ok((device, RecordId(u64::from_be_bytes(id))))
 }
 
-fn checksum(key: &[u8], arrival: &[u8; 8], payload: &[u8]) -> u32 {
+fn checksum_v1(key: &[u8], arrival: &[u8; 8], payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(key);
     hasher.update(arrival);
@@ -90,41 +112,134 @@ fn checksum(key: &[u8], arrival: &[u8; 8], payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
-/// Encodes a record's value for `key`.
+/// Encodes a record's value (version 2) for `key`.
 pub fn encode_value(key: &[u8], arrival_ms: u64, payload: &[u8]) -> Vec<u8> {
-    let arrival = arrival_ms.to_be_bytes();
-    let crc = checksum(key, &arrival, payload);
-    let mut value = Vec::with_capacity(VALUE_OVERHEAD + payload.len());
-    value.push(RECORD_VERSION);
-    value.extend_from_slice(&crc.to_be_bytes());
-    value.extend_from_slice(&arrival);
+    let mut value = Vec::with_capacity(FRAME_OVERHEAD + key.len() + payload.len());
+    value.extend_from_slice(&FRAME_TAG);
+    value.extend_from_slice(&[0; 4]);
+    // Keys are at most 1 + 64 + 8 bytes (device ids are checked at ingress).
+    value.push(u8::try_from(key.len()).unwrap_or(u8::MAX));
+    value.extend_from_slice(key);
+    value.extend_from_slice(&arrival_ms.to_be_bytes());
+    // Payloads are far below 4 GiB (the gateway's limit is a few MiB).
+    value.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     value.extend_from_slice(payload);
+    let crc = crc32fast::hash(value.get(8..).unwrap_or_default());
+    if let Some(field) = value.get_mut(4..8) {
+        field.copy_from_slice(&crc.to_be_bytes());
+    }
     value
 }
 
-/// Decodes and verifies a stored record.
+/// A version 2 frame read from raw bytes: its key, arrival time and payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// sled's key of the record.
+    pub key: &'a [u8],
+    /// When the gateway received it.
+    pub arrival_ms: u64,
+    /// The envelope bytes.
+    pub payload: &'a [u8],
+    /// Bytes the whole frame takes, from its tag.
+    pub len: usize,
+}
+
+/// Why bytes that start with [`FRAME_TAG`] are not a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// The bytes end before the frame says it does: more bytes may complete it.
+    Incomplete,
+    /// Not a frame, or a damaged one.
+    Invalid(RecordError),
+}
+
+/// Reads the version 2 frame at the start of `bytes` (which may go on after it) and
+/// checks its CRC and its key's layout.
+///
+/// # Errors
+/// [`FrameError::Incomplete`] if `bytes` ends inside the frame, else
+/// [`FrameError::Invalid`].
+pub fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, FrameError> {
+    let invalid = |e| Err(FrameError::Invalid(e));
+    let fixed = |range: std::ops::Range<usize>| bytes.get(range).ok_or(FrameError::Incomplete);
+    if fixed(0..4)? != FRAME_TAG {
+        return invalid(RecordError::Version(bytes.first().copied().unwrap_or(0)));
+    }
+    let crc = u32::from_be_bytes(
+        fixed(4..8)?
+            .try_into()
+            .map_err(|_| FrameError::Incomplete)?,
+    );
+    let key_len = usize::from(*fixed(8..9)?.first().ok_or(FrameError::Incomplete)?);
+    let key_end = 9 + key_len;
+    let arrival: [u8; 8] = fixed(key_end..key_end + 8)?
+        .try_into()
+        .map_err(|_| FrameError::Incomplete)?;
+    let len_at = key_end + 8;
+    let payload_len: [u8; 4] = fixed(len_at..len_at + 4)?
+        .try_into()
+        .map_err(|_| FrameError::Incomplete)?;
+    let payload_len = u32::from_be_bytes(payload_len) as usize;
+    if payload_len > MAX_FRAME_PAYLOAD {
+        return invalid(RecordError::Truncated);
+    }
+    let end = len_at + 4 + payload_len;
+    let covered = fixed(8..end)?;
+    if crc32fast::hash(covered) != crc {
+        return invalid(RecordError::Checksum);
+    }
+    let key = fixed(9..key_end)?;
+    decode_key(key).map_err(FrameError::Invalid)?;
+    Ok(Frame {
+        key,
+        arrival_ms: u64::from_be_bytes(arrival),
+        payload: fixed(len_at + 4..end)?,
+        len: end,
+    })
+}
+
+/// Decodes and verifies a stored record (either version).
 ///
 /// # Errors
 /// A [`RecordError`] for any damage.
 pub fn decode(key: &[u8], value: &[u8]) -> Result<Record, RecordError> {
     let (device_id, id) = decode_key(key)?;
-    let (&version, rest) = value.split_first().ok_or(RecordError::Truncated)?;
-    if version != RECORD_VERSION {
-        return Err(RecordError::Version(version));
-    }
+    let (arrival_ms, payload) = match value.first() {
+        Some(&RECORD_VERSION_1) => decode_v1(key, value)?,
+        Some(_) => {
+            let frame = read_frame(value).map_err(|e| match e {
+                FrameError::Incomplete => RecordError::Truncated,
+                FrameError::Invalid(e) => e,
+            })?;
+            if frame.key != key || frame.len != value.len() {
+                return Err(RecordError::Checksum);
+            }
+            (frame.arrival_ms, frame.payload)
+        }
+        None => return Err(RecordError::Truncated),
+    };
+    Ok(Record {
+        id,
+        device_id: device_id.to_owned(),
+        arrival_ms,
+        payload: Bytes::copy_from_slice(payload),
+    })
+}
+
+fn decode_v1<'v>(key: &[u8], value: &'v [u8]) -> Result<(u64, &'v [u8]), RecordError> {
+    let rest = value.get(1..).ok_or(RecordError::Truncated)?;
     let (crc, rest) = rest.split_at_checked(4).ok_or(RecordError::Truncated)?;
     let (arrival, payload) = rest.split_at_checked(8).ok_or(RecordError::Truncated)?;
     let crc = u32::from_be_bytes(crc.try_into().map_err(|_| RecordError::Truncated)?);
     let arrival: [u8; 8] = arrival.try_into().map_err(|_| RecordError::Truncated)?;
-    if checksum(key, &arrival, payload) != crc {
+    if checksum_v1(key, &arrival, payload) != crc {
         return Err(RecordError::Checksum);
     }
-    Ok(Record {
-        id,
-        device_id: device_id.to_owned(),
-        arrival_ms: u64::from_be_bytes(arrival),
-        payload: Bytes::copy_from_slice(payload),
-    })
+    Ok((u64::from_be_bytes(arrival), payload))
 }
 
 #[cfg(test)]
@@ -171,14 +286,78 @@ mod tests {
     fn truncated_values_and_bad_keys_are_errors() {
         let key = encode_key("d", RecordId(1));
         let value = encode_value(&key, 5, b"x");
-        for len in 0..VALUE_OVERHEAD {
-            assert!(decode(&key, &value[..len]).is_err());
+        for len in 0..value.len() {
+            assert!(decode(&key, &value[..len]).is_err(), "{len} bytes");
         }
+        let mut longer = value.clone();
+        longer.push(0);
+        assert!(decode(&key, &longer).is_err());
         assert_eq!(decode_key(&[]), Err(RecordError::Key));
         assert_eq!(decode_key(&[5, b'a']), Err(RecordError::Key));
         assert_eq!(
             decode_key(&[0, 0, 0, 0, 0, 0, 0, 0, 1]),
             Err(RecordError::Key)
+        );
+    }
+
+    /// A value of version 1, as earlier releases wrote it.
+    fn encode_v1(key: &[u8], arrival_ms: u64, payload: &[u8]) -> Vec<u8> {
+        let arrival = arrival_ms.to_be_bytes();
+        let mut value = vec![RECORD_VERSION_1];
+        value.extend_from_slice(&checksum_v1(key, &arrival, payload).to_be_bytes());
+        value.extend_from_slice(&arrival);
+        value.extend_from_slice(payload);
+        value
+    }
+
+    #[test]
+    fn version_1_records_are_still_read() {
+        let key = encode_key("pump-17", RecordId(9));
+        let value = encode_v1(&key, 77, b"old envelope");
+        let record = decode(&key, &value).expect("valid");
+        assert_eq!(
+            (record.arrival_ms, &record.payload[..]),
+            (77, &b"old envelope"[..])
+        );
+        let mut damaged = value;
+        damaged[14] ^= 1;
+        assert_eq!(decode(&key, &damaged), Err(RecordError::Checksum));
+    }
+
+    #[test]
+    fn a_value_under_another_key_is_damaged() {
+        let key = encode_key("pump-17", RecordId(9));
+        let value = encode_value(&key, 1, b"envelope");
+        let other = encode_key("pump-17", RecordId(10));
+        assert_eq!(decode(&other, &value), Err(RecordError::Checksum));
+    }
+
+    #[test]
+    fn frames_are_found_in_raw_bytes_with_their_length() {
+        let key = encode_key("valve-3", RecordId(1234));
+        let value = encode_value(&key, 99, b"payload bytes");
+        assert!(value.len() <= VALUE_OVERHEAD + 13);
+        let mut raw = value.clone();
+        raw.extend_from_slice(b"whatever sled wrote next");
+        let frame = read_frame(&raw).expect("a frame");
+        assert_eq!(frame.key, &key[..]);
+        assert_eq!(
+            (frame.arrival_ms, frame.payload),
+            (99, &b"payload bytes"[..])
+        );
+        assert_eq!(frame.len, value.len());
+        for len in 0..value.len() {
+            assert_eq!(
+                read_frame(&raw[..len]),
+                Err(FrameError::Incomplete),
+                "{len}"
+            );
+        }
+        let mut damaged = raw;
+        damaged[20] ^= 0x10;
+        assert_eq!(
+            read_frame(&damaged),
+            Err(FrameError::Invalid(RecordError::Checksum))
         );
     }
 }

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use super::durable::DurableFiles;
 use super::ledger::Ledger;
+use super::marker::CleanMarker;
 use super::record::{self, RecordId};
+use super::salvage::SalvagePlan;
 use super::{QueueConfig, QueueCounters, QueueError, quarantine_record};
 
 /// The key of the id base in the `meta` tree (u64, big endian).
@@ -58,20 +60,20 @@ impl Store {
             path: config.path.clone(),
             source,
         })?;
-        let expected = take_clean_marker(config);
-        let (store, ledger) = Self::open_recovered(config, counters)?;
-        if let Some(expected) = expected {
-            let found = ledger.total().records + store.quarantine.len() as u64;
-            if found < expected {
-                let lost = expected - found;
+        let marker = take_clean_marker(config);
+        let plan = marker.map(|marker| SalvagePlan::prepare(config, marker, counters));
+        let (store, ledger) = Self::open_recovered(config, counters, plan.as_ref())?;
+        if let Some(plan) = &plan {
+            let lost = plan.count_lost(&store, &ledger);
+            plan.discard_copy_if_unneeded(lost, counters);
+            if lost > 0 {
                 counters
                     .lost_at_open
                     .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(
                     lost,
-                    expected,
-                    found,
-                    "records the last clean stop left in the queue are gone: sled could not read past damage in its files"
+                    expected = plan.marker.records + plan.marker.quarantined,
+                    "records the last clean stop left in the queue are gone: damaged in sled's files and not found intact anywhere"
                 );
             }
         }
@@ -81,6 +83,7 @@ impl Store {
     fn open_recovered(
         config: &QueueConfig,
         counters: &QueueCounters,
+        plan: Option<&SalvagePlan>,
     ) -> Result<(Self, Ledger), QueueError> {
         let db = open_db(config, counters)?;
         let storage = |source| QueueError::Storage {
@@ -89,7 +92,7 @@ impl Store {
         };
         // Reading damaged pages may panic inside sled: treated like a read error.
         let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Self::recover(db.clone(), &config.path, counters)
+            Self::recover(db.clone(), &config.path, counters, plan)
         }))
         .unwrap_or_else(|_| Err(sled::Error::ReportableBug("sled panicked reading".into())));
         match recovered {
@@ -116,7 +119,7 @@ impl Store {
                     let _ = fs::remove_file(rebuild_path(&config.path));
                 }
                 let db = open_db(config, counters)?;
-                Self::recover(db, &config.path, counters).map_err(storage)
+                Self::recover(db, &config.path, counters, plan).map_err(storage)
             }
         }
     }
@@ -144,10 +147,14 @@ impl Store {
         db: sled::Db,
         path: &Path,
         counters: &QueueCounters,
+        plan: Option<&SalvagePlan>,
     ) -> sled::Result<(Self, Ledger)> {
         let records = db.open_tree("records")?;
         let quarantine = db.open_tree("quarantine")?;
         let meta = db.open_tree("meta")?;
+        if let Some(plan) = plan {
+            plan.restore(&records, path, counters)?;
+        }
         let (ledger, max_id) = recover(&records, &quarantine, counters)?;
         let stored_base = meta
             .get(ID_BASE)?
@@ -330,7 +337,9 @@ fn open_db(config: &QueueConfig, counters: &QueueCounters) -> Result<sled::Db, Q
     sled_config(config, path).open().map_err(storage)
 }
 
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Copies a database directory, keeping each file's modification time (so the copy has
+/// the fingerprint of the original, see `marker`).
+pub(super) fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
     fs::DirBuilder::new().mode(0o700).create(to)?;
     for entry in fs::read_dir(from)? {
@@ -339,7 +348,12 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         if entry.file_type()?.is_dir() {
             copy_dir(&entry.path(), &target)?;
         } else {
-            fs::copy(entry.path(), target)?;
+            fs::copy(entry.path(), &target)?;
+            let modified = entry.metadata()?.modified()?;
+            fs::File::options()
+                .write(true)
+                .open(&target)?
+                .set_modified(modified)?;
         }
     }
     Ok(())
@@ -355,7 +369,7 @@ pub(super) fn sibling(path: &Path, suffix: &str) -> PathBuf {
 
 /// A new name for a damaged database kept for inspection: `queue.damaged-<unix
 /// time>`, with `-2`, `-3`, ... if that exists already.
-fn damaged_aside_path(path: &Path) -> PathBuf {
+pub(super) fn damaged_aside_path(path: &Path) -> PathBuf {
     let base = format!("damaged-{}", crate::clock::now_ms() / 1000);
     let mut candidate = sibling(path, &base);
     let mut n = 2;
@@ -372,14 +386,11 @@ pub(crate) fn clean_marker_path(path: &Path) -> PathBuf {
 }
 
 /// Writes the clean-stop marker (synced); false if it could not be written.
-pub(super) fn write_clean_marker(config: &QueueConfig, records: u64, quarantined: u64) -> bool {
+pub(super) fn write_clean_marker(config: &QueueConfig, marker: &CleanMarker) -> bool {
     let path = clean_marker_path(&config.path);
-    let written = fs::write(
-        &path,
-        format!("records {records}\nquarantined {quarantined}\n"),
-    )
-    .and_then(|()| fs::File::open(&path)?.sync_all())
-    .and_then(|()| sync_parent(&path));
+    let written = fs::write(&path, marker.encode())
+        .and_then(|()| fs::File::open(&path)?.sync_all())
+        .and_then(|()| sync_parent(&path));
     written.is_ok()
 }
 
@@ -388,18 +399,18 @@ pub(super) fn withdraw_clean_marker(config: &QueueConfig) {
     let _ = fs::remove_file(clean_marker_path(&config.path));
 }
 
-/// Reads and deletes the clean-stop marker: the total it names, if there was one.
-/// Deleted before the database is touched, so a crash later never leaves a stale one.
-fn take_clean_marker(config: &QueueConfig) -> Option<u64> {
+/// Reads and deletes the clean-stop marker. Deleted before the database is touched,
+/// so a crash later never leaves a stale one.
+fn take_clean_marker(config: &QueueConfig) -> Option<CleanMarker> {
     let path = clean_marker_path(&config.path);
     let text = fs::read_to_string(&path).ok()?;
     fs::remove_file(&path).ok()?;
     let _ = sync_parent(&path);
-    let number = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
-    };
-    Some(number("records ")? + number("quarantined ")?)
+    let marker = CleanMarker::decode(&text);
+    if marker.is_none() {
+        tracing::warn!(path = %path.display(), "the queue's clean-stop marker is damaged; ignored (nothing can be compared at this start)");
+    }
+    marker
 }
 
 /// Where a rebuild dumps the live data before the old database is deleted.
