@@ -138,7 +138,20 @@ pub fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
 fn run_gateway(args: &GatewayArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // The checks of `check-config` (but not the ports: binding them reports that).
-    let checked = config::load_checked(&args.config, config::PortCheck::Skip)?;
+    let checked = match config::load_checked(&args.config, config::PortCheck::Skip) {
+        Ok(checked) => checked,
+        Err(err) if err.restarting_is_harmful() => {
+            // A refused PIN: a restart would only use up the token's tries. The unit's
+            // RestartPreventExitStatus= names this status.
+            eprintln!("error: {err}");
+            eprintln!(
+                "error: not retrying: start the service again once the problem above is fixed (exit status {})",
+                config::EXIT_DO_NOT_RESTART
+            );
+            return Err(Box::new(ExitStatus(config::EXIT_DO_NOT_RESTART)));
+        }
+        Err(err) => return Err(err.into()),
+    };
     let config = checked.config;
     logging::init(config.log.format, &config.log.level);
     for warning in &checked.warnings {

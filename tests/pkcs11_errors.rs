@@ -78,6 +78,38 @@ fn a_wrong_pin_is_refused_and_never_shown() {
     assert!(!text.contains("999999"), "{text}");
 }
 
+/// systemd must not restart a gateway whose PIN the token refused: every start would
+/// use up one more of the token's tries until it locks. A token that is not there (yet,
+/// a USB token enumerating late) keeps the ordinary failure status, which is restarted.
+#[test]
+fn a_refused_pin_stops_the_gateway_with_the_status_systemd_does_not_restart() {
+    if !require_softhsm() {
+        return;
+    }
+    let token = Token::new();
+    write_private(&token.pin_file, "999999\n");
+    let output = token.failing_gateway(&token.key_lines());
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(78), "{text}");
+    assert_contains(&text, &["refused the PIN", "not retrying"]);
+    assert!(!text.contains("999999"), "{text}");
+    let unit = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/blindgate.service"
+    ))
+    .expect("unit");
+    assert!(unit.lines().any(|l| l == "RestartPreventExitStatus=78"));
+
+    write_private(&token.pin_file, &format!("{PIN}\n"));
+    let lines = token
+        .key_lines()
+        .replace(&format!("token={TOKEN}"), "token=not-plugged-in");
+    let output = token.failing_gateway(&lines);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert_contains(&text, &["not-plugged-in"]);
+}
+
 #[test]
 fn a_pin_file_others_may_read_is_refused() {
     if !require_softhsm() {

@@ -174,6 +174,10 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_ERRORS: u8 = 1;
 /// Exit status of `check-config`: the file cannot be read (clap uses 2 for bad usage).
 pub const EXIT_UNREADABLE: u8 = 2;
+/// Exit status of `blindgate gateway` when a restart would do harm (a PIN the token
+/// refused: each try counts against its retry limit). 78 is `EX_CONFIG` of
+/// sysexits.h; the systemd unit lists it in `RestartPreventExitStatus=`.
+pub const EXIT_DO_NOT_RESTART: u8 = 78;
 
 /// `blindgate check-config`: prints every diagnostic as
 /// `file:line:column: [warning: ]key: message (hint: ...)` and a summary line on
@@ -352,6 +356,7 @@ impl<'p> Env<'p> {
             message: problem.message,
             hint: problem.hint,
             severity,
+            restarting_is_harmful: problem.restarting_is_harmful,
         });
     }
 
@@ -1250,6 +1255,7 @@ fn check_schema(text: &str) -> Vec<Diagnostic> {
             message: problem.message,
             hint: None,
             severity: Severity::Error,
+            restarting_is_harmful: false,
         })
         .collect()
 }
@@ -1270,6 +1276,7 @@ fn loader_diagnostic(
             message,
             hint: hint.map(str::to_owned),
             severity: Severity::Error,
+            restarting_is_harmful: false,
         }
     };
     match err {
@@ -1324,6 +1331,7 @@ fn toml_message(text: &str) -> Diagnostic {
         message,
         hint: None,
         severity: Severity::Error,
+        restarting_is_harmful: false,
     }
 }
 

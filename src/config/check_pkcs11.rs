@@ -15,5 +15,9 @@ pub(super) fn token_key_problem(key: &Pkcs11Key, cert: &Path) -> Option<Problem>
     let chain = load_certs(cert).ok()?;
     let leaf = chain.first()?;
     let error = open_token_key(key, cert, leaf).err()?;
-    Some(Problem::new(error.to_string()).hint(error.hint()))
+    let problem = Problem::new(error.to_string()).hint(error.hint());
+    Some(match error.uses_up_pin_tries() {
+        true => problem.harmful_to_retry(),
+        false => problem,
+    })
 }

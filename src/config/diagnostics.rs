@@ -55,6 +55,7 @@ impl ConfigError {
                 message: "internal error: rejected without an error".into(),
                 hint: None,
                 severity: Severity::Error,
+                restarting_is_harmful: false,
             });
         }
         sort(&mut diagnostics);
@@ -69,6 +70,13 @@ impl ConfigError {
     /// read and found wrong.
     pub fn is_unreadable(&self) -> bool {
         self.read.is_some()
+    }
+
+    /// True if an error must not be retried by restarting (a PIN the token refused).
+    pub fn restarting_is_harmful(&self) -> bool {
+        self.diagnostics
+            .iter()
+            .any(|d| d.is_error() && d.restarting_is_harmful)
     }
 
     /// How many of the diagnostics are errors (the rest are warnings).
@@ -131,6 +139,11 @@ pub struct Diagnostic {
     pub hint: Option<String>,
     /// Error or warning. Everything the file parser reports is an error.
     pub severity: Severity,
+    /// Restarting cannot fix this and every attempt uses up something that runs out
+    /// (a wrong PKCS#11 PIN counts against the token's retry limit): the gateway exits
+    /// with [`EXIT_DO_NOT_RESTART`](super::EXIT_DO_NOT_RESTART) so systemd does not try
+    /// again.
+    pub restarting_is_harmful: bool,
 }
 
 impl Diagnostic {
@@ -164,6 +177,7 @@ impl fmt::Display for Diagnostic {
 pub(crate) struct Problem {
     pub(crate) message: String,
     pub(crate) hint: Option<String>,
+    pub(crate) restarting_is_harmful: bool,
 }
 
 impl Problem {
@@ -171,11 +185,19 @@ impl Problem {
         Self {
             message: message.into(),
             hint: None,
+            restarting_is_harmful: false,
         }
     }
 
     pub(crate) fn hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
+        self
+    }
+
+    /// Marks a problem a restart cannot fix and each attempt costs (see
+    /// [`Diagnostic::restarting_is_harmful`]).
+    pub(crate) fn harmful_to_retry(mut self) -> Self {
+        self.restarting_is_harmful = true;
         self
     }
 }
@@ -213,6 +235,7 @@ impl<'t> Reporter<'t> {
             message: problem.message,
             hint: problem.hint,
             severity: Severity::Error,
+            restarting_is_harmful: false,
         });
     }
 
@@ -570,6 +593,7 @@ mod tests {
             message: "unknown key".into(),
             hint: Some("did you mean `max_bytes`?".into()),
             severity: Severity::Error,
+            restarting_is_harmful: false,
         };
         assert_eq!(
             diagnostic.to_string(),

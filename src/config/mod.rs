@@ -32,8 +32,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use check::{
-    CheckReport, Checked, ConfigKind, EXIT_ERRORS, EXIT_OK, EXIT_UNREADABLE, EXPIRY_WARNING_DAYS,
-    PortCheck, check_command, check_config_file, load_checked,
+    CheckReport, Checked, ConfigKind, EXIT_DO_NOT_RESTART, EXIT_ERRORS, EXIT_OK, EXIT_UNREADABLE,
+    EXPIRY_WARNING_DAYS, PortCheck, check_command, check_config_file, load_checked,
 };
 pub use diagnostics::{ConfigError, Diagnostic, Severity};
 pub use key_source::KeySource;

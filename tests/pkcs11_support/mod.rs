@@ -234,6 +234,18 @@ listen = ""
             .output()
             .expect("check-config runs")
     }
+
+    /// `blindgate gateway` on the same config, expected to fail at start, before it
+    /// binds a port or connects anywhere.
+    pub fn failing_gateway(&self, key_lines: &str) -> Output {
+        let config = self.config(0, 8883, key_lines);
+        self.blindgate()
+            .arg("gateway")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("gateway runs")
+    }
 }
 
 pub fn write_private(path: &Path, text: &str) {

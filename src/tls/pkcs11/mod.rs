@@ -134,6 +134,13 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// True if trying again with the same PIN only uses up the token's retry limit (a
+    /// refused or locked PIN): the gateway then exits so that systemd does not restart
+    /// it (`RestartPreventExitStatus=`), and waits for the operator.
+    pub fn uses_up_pin_tries(&self) -> bool {
+        matches!(self, Self::WrongPin { .. } | Self::PinLocked { .. })
+    }
+
     /// What the operator can do about it.
     pub fn hint(&self) -> String {
         match self {
@@ -142,8 +149,8 @@ impl TokenError {
             Self::TokenNotFound { present, .. } if present.is_empty() => "the module shows no initialised token: initialise one (softhsm2-util --init-token, tpm2_ptool addtoken), and check that the service user can reach the token's store".to_owned(),
             Self::TokenNotFound { .. } => "set token= in the pkcs11: URI to one of the labels present".to_owned(),
             Self::Pin(_) => "the PIN comes from pkcs11_pin_file (mode 0600, owned by the service user) or from the systemd credential pkcs11_pin_credential (LoadCredential=)".to_owned(),
-            Self::WrongPin { tries: PinTries::FinalTry, .. } => "one try remains before the PIN locks: fix the PIN file before the next start".to_owned(),
-            Self::WrongPin { .. } => "put the token's user PIN into the PIN file (only the PIN, one line); each wrong PIN counts against the token's retry limit".to_owned(),
+            Self::WrongPin { tries: PinTries::FinalTry, .. } => "one try remains before the PIN locks: fix the PIN file, then start the service again (it is not restarted by itself after a refused PIN)".to_owned(),
+            Self::WrongPin { .. } => "put the token's user PIN into the PIN file (only the PIN, one line), then start the service again: each wrong PIN counts against the token's retry limit, so the gateway is not restarted by itself after one".to_owned(),
             Self::PinLocked { .. } => "the security officer must unlock it (softhsm2-util/pkcs11-tool --init-pin with the SO PIN, tpm2_ptool changepin)".to_owned(),
             Self::KeyNotFound { .. } => "check object= (CKA_LABEL) and id= in the pkcs11: URI against `pkcs11-tool --module <path> --login -O`".to_owned(),
             Self::KeyAmbiguous { .. } => "add id= (or a more precise object=) to the pkcs11: URI".to_owned(),
