@@ -22,8 +22,9 @@ use serde::Serialize;
 
 use std::sync::atomic::Ordering;
 
+use super::rebuild::{rebuild_path, replaced_path};
 use super::record::{self, RecordError};
-use super::store::{Store, clean_marker_path, copy_dir, rebuild_path, replaced_path};
+use super::store::{Store, clean_marker_path, copy_dir};
 use super::{QueueConfig, QueueCounters};
 use crate::cli::ExitStatus;
 use crate::clock::now_ms;

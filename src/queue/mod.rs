@@ -53,7 +53,8 @@
 //! - `marker`: the clean-stop marker.
 //! - `salvage`: finding records in the raw bytes of a damaged database.
 //! - `ledger`: bytes per device, caps, admission.
-//! - `store`: the sled database, reopening and rebuilding it.
+//! - `store`: the sled database, opening, recovering and reopening it.
+//! - `rebuild`: replacing the database with one made from a dump of its live records.
 //! - `writer`: the group-commit task.
 //! - `inspect`: `blindgate queue inspect`, offline.
 
@@ -61,6 +62,7 @@ mod durable;
 pub mod inspect;
 mod ledger;
 mod marker;
+mod rebuild;
 pub mod record;
 mod salvage;
 mod store;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::store::{self, Store};
+use super::store::Store;
 use super::{Inner, WANT_FLUSH, WANT_REBUILD, WANT_REOPEN, lock, write};
 
 /// The outcome sent back to `enqueue`: `Ok` means fsync'd.
@@ -217,7 +217,7 @@ async fn replace(
     let counters = Arc::clone(&queue.counters);
     let size_before = old.as_ref().map_or(0, |s| s.db.size_on_disk().unwrap_or(0));
     let opened = tokio::task::spawn_blocking(move || match (how, old) {
-        (Replace::Rebuild, Some(old)) => store::rebuild(&config, old, &counters),
+        (Replace::Rebuild, Some(old)) => super::rebuild::rebuild(&config, old, &counters),
         (_, old) => {
             drop(old);
             Store::reopen(&config, &counters).map_err(|err| (None, err))
