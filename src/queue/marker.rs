@@ -255,6 +255,23 @@ impl CleanMarker {
 /// The directory walk's.
 pub(super) fn fingerprint(dir: &Path) -> io::Result<Fingerprint> {
     let mut files = BTreeMap::new();
+    for (path, meta) in files_under(dir)? {
+        let mtime = meta
+            .modified()?
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let relative = path.strip_prefix(dir).map(Path::to_owned);
+        files.insert(relative.unwrap_or(path), (meta.len(), mtime));
+    }
+    Ok(files)
+}
+
+/// Every regular file under `dir`, with its metadata (links are not followed).
+///
+/// # Errors
+/// The first error of the walk.
+pub(super) fn files_under(dir: &Path) -> io::Result<Vec<(PathBuf, fs::Metadata)>> {
+    let mut files = Vec::new();
     let mut pending = vec![dir.to_owned()];
     while let Some(at) = pending.pop() {
         for entry in fs::read_dir(&at)? {
@@ -263,15 +280,7 @@ pub(super) fn fingerprint(dir: &Path) -> io::Result<Fingerprint> {
             if meta.is_dir() {
                 pending.push(entry.path());
             } else if meta.is_file() {
-                let mtime = meta
-                    .modified()?
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos());
-                let relative = entry.path().strip_prefix(dir).map(Path::to_owned);
-                files.insert(
-                    relative.unwrap_or_else(|_| entry.path()),
-                    (meta.len(), mtime),
-                );
+                files.push((entry.path(), meta));
             }
         }
     }

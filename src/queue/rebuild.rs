@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::durable::DurableFiles;
 use super::ledger::Ledger;
 use super::store::{
-    ID_BASE, LOCK_WAIT, Store, damaged_aside_path, sibling, sled_config, sync_parent,
+    ID_BASE, LOCK_WAIT, Store, damaged_aside_path, move_aside, sibling, sled_config, sync_parent,
 };
 use super::{QueueConfig, QueueCounters, QueueError};
 
@@ -137,14 +137,7 @@ pub(super) fn keep_readable(
     .unwrap_or_else(|_| Err(std::io::Error::other("sled panicked reading")))
     .map_err(failed)?;
     drop(db);
-    let aside = damaged_aside_path(path);
-    fs::rename(path, &aside).map_err(|source| QueueError::MoveAside {
-        path: path.clone(),
-        source,
-    })?;
-    counters
-        .databases_moved_aside
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    move_aside(path, &damaged_aside_path(path), counters)?;
     restore(config, &dump).map_err(failed)
 }
 

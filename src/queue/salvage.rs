@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use super::ledger::Ledger;
-use super::marker::{CleanMarker, DeviceIds};
+use super::marker::{CleanMarker, DeviceIds, files_under};
 use super::record::{self, FRAME_TAG, FrameError, RecordId};
 use super::store::{Store, copy_dir, damaged_aside_path};
 use super::{QueueConfig, QueueCounters};
@@ -196,17 +196,8 @@ pub(super) struct Found {
 /// The first I/O error of the directory walk or a read.
 pub(super) fn carve(dir: &Path, wanted: &dyn Fn(&str, RecordId) -> bool) -> io::Result<Found> {
     let mut found = Found::default();
-    let mut pending = vec![dir.to_owned()];
-    while let Some(at) = pending.pop() {
-        for entry in fs::read_dir(&at)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                pending.push(entry.path());
-            } else if kind.is_file() {
-                carve_file(&entry.path(), wanted, &mut found)?;
-            }
-        }
+    for (file, _) in files_under(dir)? {
+        carve_file(&file, wanted, &mut found)?;
     }
     Ok(found)
 }

@@ -106,16 +106,7 @@ impl Store {
                     let cause = std::error::Error::source(&failed).map(ToString::to_string);
                     tracing::error!(error = %failed, cause, "cannot keep what is readable of the queue database; setting it aside whole");
                     if config.path.exists() {
-                        let aside = damaged_aside_path(&config.path);
-                        fs::rename(&config.path, &aside).map_err(|source| {
-                            QueueError::MoveAside {
-                                path: config.path.clone(),
-                                source,
-                            }
-                        })?;
-                        counters
-                            .databases_moved_aside
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        move_aside(&config.path, &damaged_aside_path(&config.path), counters)?;
                     }
                     let _ = fs::remove_file(rebuild_path(&config.path));
                 }
@@ -325,17 +316,28 @@ fn open_db(config: &QueueConfig, counters: &QueueCounters) -> Result<sled::Db, Q
         })?;
     } else {
         let _ = fs::remove_dir_all(&aside);
-        fs::rename(path, &aside).map_err(|source| QueueError::MoveAside {
-            path: path.clone(),
-            source,
-        })?;
-        counters
-            .databases_moved_aside
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        move_aside(path, &aside, counters)?;
     }
     // Corrupt beyond sled's own recovery: keep the gateway running on a fresh queue.
     tracing::error!(error = %err, path = %path.display(), aside = %aside.display(), "queue database cannot be opened; set it aside and started a new one");
     sled_config(config, path).open().map_err(storage)
+}
+
+/// Renames a damaged database to `aside` (kept for `blindgate queue inspect`) and
+/// counts it.
+pub(super) fn move_aside(
+    path: &Path,
+    aside: &Path,
+    counters: &QueueCounters,
+) -> Result<(), QueueError> {
+    fs::rename(path, aside).map_err(|source| QueueError::MoveAside {
+        path: path.to_owned(),
+        source,
+    })?;
+    counters
+        .databases_moved_aside
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// Copies a database directory, keeping each file's modification time (so the copy has
