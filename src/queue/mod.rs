@@ -484,7 +484,7 @@ impl Queue {
         let mut out = Vec::new();
         for item in store.records.range(start..=end) {
             let (key, value) = item.map_err(|e| inner.storage_error(Arc::new(e)))?;
-            match record::decode(&key, &value) {
+            match record::decode_shared(&key, value.clone()) {
                 Ok(record) => out.push(record),
                 Err(_) => inner.quarantine_one(&store, &key, &value),
             }

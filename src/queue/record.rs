@@ -207,6 +207,42 @@ pub fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, FrameError> {
 /// # Errors
 /// A [`RecordError`] for any damage.
 pub fn decode(key: &[u8], value: &[u8]) -> Result<Record, RecordError> {
+    let (device_id, id, arrival_ms, payload) = parse(key, value)?;
+    Ok(Record {
+        id,
+        device_id: device_id.to_owned(),
+        arrival_ms,
+        payload: Bytes::copy_from_slice(payload),
+    })
+}
+
+/// Like [`decode`], but the payload shares `value`'s buffer (sled's `IVec`) instead of
+/// being copied: the forwarding path reads every record once.
+///
+/// # Errors
+/// A [`RecordError`] for any damage.
+pub fn decode_shared<V>(key: &[u8], value: V) -> Result<Record, RecordError>
+where
+    V: AsRef<[u8]> + Send + 'static,
+{
+    let bytes = value.as_ref();
+    let (device_id, id, arrival_ms, payload) = parse(key, bytes)?;
+    let start = payload.as_ptr() as usize - bytes.as_ptr() as usize;
+    let range = start..start + payload.len();
+    let device_id = device_id.to_owned();
+    Ok(Record {
+        id,
+        device_id,
+        arrival_ms,
+        payload: Bytes::from_owner(value).slice(range),
+    })
+}
+
+/// Checks a stored record: device, id, arrival time and the payload within `value`.
+fn parse<'v>(
+    key: &'v [u8],
+    value: &'v [u8],
+) -> Result<(&'v str, RecordId, u64, &'v [u8]), RecordError> {
     let (device_id, id) = decode_key(key)?;
     let (arrival_ms, payload) = match value.first() {
         Some(&RECORD_VERSION_1) => decode_v1(key, value)?,
@@ -222,12 +258,7 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Record, RecordError> {
         }
         None => return Err(RecordError::Truncated),
     };
-    Ok(Record {
-        id,
-        device_id: device_id.to_owned(),
-        arrival_ms,
-        payload: Bytes::copy_from_slice(payload),
-    })
+    Ok((device_id, id, arrival_ms, payload))
 }
 
 fn decode_v1<'v>(key: &[u8], value: &'v [u8]) -> Result<(u64, &'v [u8]), RecordError> {
@@ -308,6 +339,21 @@ mod tests {
         value.extend_from_slice(&arrival);
         value.extend_from_slice(payload);
         value
+    }
+
+    #[test]
+    fn a_shared_payload_is_the_same_bytes_without_a_copy() {
+        let key = encode_key("pump-17", RecordId(3));
+        let value = encode_value(&key, 8, b"envelope bytes");
+        let copied = decode(&key, &value).expect("valid");
+        let owner = Bytes::from(value.clone());
+        let shared = decode_shared(&key, owner.clone()).expect("valid");
+        assert_eq!(shared, copied);
+        let inside = owner.as_ptr_range();
+        assert!(inside.contains(&shared.payload.as_ptr()));
+        let mut damaged = value;
+        damaged[30] ^= 1;
+        assert!(decode_shared(&key, damaged).is_err());
     }
 
     #[test]
