@@ -27,6 +27,8 @@ struct Cloud {
     keys: KeyStore,
     metrics: CloudMetrics,
     stop: CancellationToken,
+    /// The ingest task: it has let go of its files once this ends.
+    ingest: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn settings(dir: &Path, pki: &DevPki, port: u16) -> CloudSettings {
@@ -45,7 +47,7 @@ impl Cloud {
             .await
             .expect("link");
         let keys = KeyStore::open(&dir.path().join("keys")).expect("key store");
-        let cloud = Self {
+        let mut cloud = Self {
             dir,
             pki,
             broker,
@@ -53,6 +55,7 @@ impl Cloud {
             keys,
             metrics: CloudMetrics::new(),
             stop: CancellationToken::new(),
+            ingest: None,
         };
         cloud.run_ingest();
         assert!(
@@ -63,10 +66,14 @@ impl Cloud {
     }
 
     /// Starts (or restarts) the ingest; its session on the broker persists.
-    fn run_ingest(&self) {
+    fn run_ingest(&mut self) {
         let settings = settings(self.dir.path(), &self.pki, self.broker.port);
         let (metrics, stop) = (self.metrics.clone(), self.stop.clone());
-        tokio::spawn(async move { blindgate::cloud::run(settings, metrics, stop).await });
+        self.ingest = Some(tokio::spawn(async move {
+            if let Err(err) = blindgate::cloud::run(settings, metrics, stop).await {
+                eprintln!("cloud ingest ended: {err:?}");
+            }
+        }));
     }
 
     async fn gateway(&self) -> Gateway {
@@ -98,7 +105,12 @@ impl Cloud {
             }
         })
         .await
-        .expect("sink filled in time")
+        .unwrap_or_else(|_| {
+            panic!(
+                "the sink holds {} of {n} messages after {WAIT:?}",
+                self.sink().len()
+            )
+        })
     }
 }
 
@@ -445,7 +457,7 @@ fn the_example_cloud_config_works_with_the_output_of_certs_dev() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_acknowledges_everything_stored_so_a_restart_sees_no_duplicate() {
     const N: u64 = 600;
-    let Some(cloud) = Cloud::start(&["pump-17"]).await else {
+    let Some(mut cloud) = Cloud::start(&["pump-17"]).await else {
         return;
     };
     let key = cloud
@@ -474,13 +486,14 @@ async fn a_clean_stop_acknowledges_everything_stored_so_a_restart_sees_no_duplic
     // Stop in the middle of the stream, while batches are being committed and acked.
     let stored_before = cloud.wait_sink(50).await.len();
     cloud.stop.cancel();
-    tokio::time::timeout(WAIT, async {
-        while cloud.metrics.subscribed.get() != 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the ingest stopped");
+    // Stopped means the task ended: it holds its state files (the replay database's
+    // lock) until then, and a restart before that could not open them.
+    let first = cloud.ingest.take().expect("the ingest runs");
+    tokio::time::timeout(WAIT, first)
+        .await
+        .expect("the ingest stopped")
+        .expect("the ingest task");
+    assert_eq!(cloud.metrics.subscribed.get(), 0);
     let stored_at_stop = cloud.sink().len();
     assert!(stored_at_stop >= stored_before);
 
