@@ -4,6 +4,7 @@
 //! seq and the send time, so the counter can check loss, order and latency.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
@@ -65,6 +66,34 @@ pub(crate) struct Phase {
     /// Messages per second per device; `None` = as fast as the window allows.
     pub(crate) rate_per_device: Option<f64>,
     pub(crate) window: usize,
+    /// The devices that publish: `first_device..first_device + n_devices` of the bench.
+    pub(crate) first_device: usize,
+    pub(crate) n_devices: usize,
+    /// Each device stops after this many publishes (or at the phase's end, if earlier).
+    pub(crate) count: Option<u64>,
+}
+
+impl Phase {
+    /// `seconds` of publishing `envelope_size` envelopes from the first `n_devices`
+    /// devices, at `rate_per_device` (`None`: as fast as `window` allows).
+    pub(crate) fn new(
+        envelope_size: usize,
+        seconds: f64,
+        rate_per_device: Option<f64>,
+        window: usize,
+        n_devices: usize,
+    ) -> Self {
+        Self {
+            run: 0,
+            envelope_size,
+            seconds,
+            rate_per_device,
+            window,
+            first_device: 0,
+            n_devices,
+            count: None,
+        }
+    }
 }
 
 /// One device's side of a phase.
@@ -93,15 +122,15 @@ fn stamp(buf: &mut [u8], run: u32, dev: u32, seq: u64, sent_ns: u64) {
     buf[16..24].copy_from_slice(&sent_ns.to_be_bytes());
 }
 
-/// Device `index` publishes to `target` for the phase (seqs above `first_seq`), then
-/// waits for every PUBACK (up to 60 s) and disconnects.
+/// Device `index` publishes to `target` for the phase (seqs above `first_seq`) or until
+/// `stop` is set, then waits for every PUBACK (up to 60 s) and disconnects.
 pub(crate) async fn run_device(
     target: Arc<Target>,
-    index: usize,
-    device: Arc<Device>,
+    (index, device): (usize, Arc<Device>),
     phase: Phase,
     first_seq: u64,
     epoch: Instant,
+    stop: Arc<AtomicBool>,
 ) -> Result<DevResult> {
     let tls = target
         .tls_override
@@ -120,6 +149,7 @@ pub(crate) async fn run_device(
         index,
         phase,
         epoch,
+        stop,
     };
     let sent = publisher.run(&mut wr, &window, &tx, first_seq).await?;
 
@@ -182,6 +212,7 @@ struct Publisher {
     index: usize,
     phase: Phase,
     epoch: Instant,
+    stop: Arc<AtomicBool>,
 }
 
 impl Publisher {
@@ -215,7 +246,9 @@ impl Publisher {
                     () = tokio::time::sleep_until(end) => break,
                 }
             }
-            if tokio::time::Instant::now() >= end {
+            let left = phase.count.map_or(u64::MAX, |c| c.saturating_sub(sent));
+            if tokio::time::Instant::now() >= end || left == 0 || self.stop.load(Ordering::Relaxed)
+            {
                 break;
             }
             let permit = tokio::select! {
@@ -225,7 +258,7 @@ impl Publisher {
             permit.forget();
             let mut n = 1;
             if ticker.is_none() {
-                while n < MAX_BATCH {
+                while n < MAX_BATCH && (n as u64) < left {
                     let Ok(p) = window.try_acquire() else { break };
                     p.forget();
                     n += 1;
@@ -266,4 +299,28 @@ impl Publisher {
             .map_err(|_| anyhow!("PUBACK reader stopped"))?;
         Ok(())
     }
+}
+
+/// Connects `devices` to `target` (at most 64 handshakes at a time) and returns the open
+/// connections, which stay connected and idle until dropped.
+pub(crate) async fn connect_idle(target: &Target, devices: &[Arc<Device>]) -> Result<Vec<Stream>> {
+    let gate = Arc::new(Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for device in devices {
+        let tls = target
+            .tls_override
+            .clone()
+            .unwrap_or_else(|| device.tls_gateway.clone());
+        let (gate, port, name) = (gate.clone(), target.port, device.name.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await?;
+            let (stream, _) = mqtt_connect(port, tls, &name).await?;
+            anyhow::Ok(stream)
+        }));
+    }
+    let mut streams = Vec::new();
+    for t in tasks {
+        streams.push(t.await??);
+    }
+    Ok(streams)
 }
