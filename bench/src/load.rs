@@ -122,22 +122,30 @@ fn stamp(buf: &mut [u8], run: u32, dev: u32, seq: u64, sent_ns: u64) {
     buf[16..24].copy_from_slice(&sent_ns.to_be_bytes());
 }
 
-/// Device `index` publishes to `target` for the phase (seqs above `first_seq`) or until
-/// `stop` is set, then waits for every PUBACK (up to 60 s) and disconnects.
+/// Most devices connecting (TCP, TLS, CONNECT) at the same time. Both gateways listen
+/// with a short accept queue (blindgate 128, Mosquitto 100): 1,000 devices connecting
+/// at once overflow it, and the kernel then resets some of the connections.
+pub(crate) const MAX_CONNECTING: usize = 64;
+
+/// Device `index` connects (holding a permit of `connecting` meanwhile), publishes to
+/// `target` for the phase (seqs above `first_seq`) or until `stop` is set, then waits
+/// for every PUBACK (up to 60 s) and disconnects.
 pub(crate) async fn run_device(
     target: Arc<Target>,
     (index, device): (usize, Arc<Device>),
     phase: Phase,
-    first_seq: u64,
-    epoch: Instant,
+    (first_seq, epoch): (u64, Instant),
     stop: Arc<AtomicBool>,
+    connecting: Arc<Semaphore>,
 ) -> Result<DevResult> {
     let tls = target
         .tls_override
         .clone()
         .unwrap_or_else(|| device.tls_gateway.clone());
     // blindgate requires the client id to be the certificate's device id.
+    let permit = connecting.acquire_owned().await?;
     let (stream, buf) = mqtt_connect(target.port, tls, &device.name).await?;
+    drop(permit);
     let (rd, mut wr) = tokio::io::split(stream);
     let window = Arc::new(Semaphore::new(phase.window));
     let (tx, rx) = mpsc::unbounded_channel::<(u16, u64)>();
@@ -301,10 +309,10 @@ impl Publisher {
     }
 }
 
-/// Connects `devices` to `target` (at most 64 handshakes at a time) and returns the open
-/// connections, which stay connected and idle until dropped.
+/// Connects `devices` to `target` (at most [`MAX_CONNECTING`] at a time) and returns the
+/// open connections, which stay connected and idle until dropped.
 pub(crate) async fn connect_idle(target: &Target, devices: &[Arc<Device>]) -> Result<Vec<Stream>> {
-    let gate = Arc::new(Semaphore::new(64));
+    let gate = Arc::new(Semaphore::new(MAX_CONNECTING));
     let mut tasks = Vec::new();
     for device in devices {
         let tls = target

@@ -283,8 +283,13 @@ async fn run(args: Args, work: &Path) -> Result<bool> {
     let out = args.json.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(out)?;
     fs::write(&args.json, serde_json::to_string_pretty(&results)?)?;
+    // results.json → results-throughput.svg, results-latency.svg (smoke.json → smoke-…).
+    let stem = args
+        .json
+        .file_stem()
+        .map_or("results".into(), |s| s.to_string_lossy());
     for (name, svg) in svg::plots(&scenarios, &names, &all, &backlog_results) {
-        fs::write(out.join(name), svg)?;
+        fs::write(out.join(format!("{stem}-{name}.svg")), svg)?;
     }
     eprintln!(
         "results written to {} (plots next to it); load average now {}",

@@ -8,11 +8,12 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::brokers::cpu_seconds;
 use crate::counter::{Counter, CounterState};
-use crate::load::{DevResult, Device, Phase, Target, run_device};
+use crate::load::{DevResult, Device, MAX_CONNECTING, Phase, Target, run_device};
 use crate::procfs::{Memory, write_bytes};
 use crate::report::{PhaseResult, percentiles};
 
@@ -96,6 +97,7 @@ impl Bench {
     /// Starts the phase's devices publishing (the run set by [`Bench::begin`]).
     pub(crate) fn spawn_devices(&self, target: &Arc<Target>, phase: Phase) -> Vec<Publishing> {
         let range = phase.first_device..phase.first_device + phase.n_devices;
+        let connecting = Arc::new(Semaphore::new(MAX_CONNECTING));
         let mut tasks = Vec::new();
         for (i, device) in self
             .devices
@@ -108,9 +110,9 @@ impl Bench {
                 target.clone(),
                 (i, device.clone()),
                 phase,
-                self.next_seq[i],
-                self.epoch,
+                (self.next_seq[i], self.epoch),
                 self.stop.clone(),
+                connecting.clone(),
             )));
         }
         tasks

@@ -1,7 +1,7 @@
 //! The plots, as small hand-written SVG files (no plotting crate): grouped bar charts of
-//! throughput per scenario and target (`throughput.svg`, linear scale) and of latency
-//! percentiles per target (`latency.svg`, logarithmic scale, as the figures span
-//! milliseconds to seconds). Every bar carries its value as a label.
+//! throughput per scenario and target (`<json stem>-throughput.svg`, linear scale) and
+//! of latency percentiles per target (`<json stem>-latency.svg`, logarithmic scale, as
+//! the figures span milliseconds to seconds). Every bar carries its value as a label.
 
 use std::fmt::Write as _;
 
@@ -23,7 +23,7 @@ struct Group {
     values: Vec<Option<f64>>,
 }
 
-/// `(file name, SVG text)` of every plot.
+/// `(name, SVG text)` of every plot ("throughput", "latency").
 pub(crate) fn plots(
     scenarios: &[Scenario],
     targets: &[&str],
@@ -41,7 +41,10 @@ pub(crate) fn plots(
         } else {
             for (k, p) in ["p50", "p99", "p99.9"].iter().enumerate() {
                 lat.push(Group {
-                    label: format!("{} {p}", sc.name.replace(", 256 B", "")),
+                    label: format!(
+                        "{} {p}",
+                        sc.name.replace("latency at ", "").replace(", 256 B", "")
+                    ),
                     values: row.iter().map(|r| Some(r.e2e_ms[k])).collect(),
                 });
             }
@@ -64,7 +67,7 @@ pub(crate) fn plots(
     }
     vec![
         (
-            "throughput.svg",
+            "throughput",
             bar_chart(
                 "End-to-end throughput, QoS 1",
                 "msg/s",
@@ -74,7 +77,7 @@ pub(crate) fn plots(
             ),
         ),
         (
-            "latency.svg",
+            "latency",
             bar_chart("End-to-end latency", "ms (log scale)", targets, &lat, true),
         ),
     ]
@@ -236,7 +239,7 @@ fn short(v: f64) -> String {
         format!("{:.2}M", v / 1e6)
     } else if v >= 1e4 {
         format!("{:.1}k", v / 1e3)
-    } else if v >= 100.0 {
+    } else if v >= 100.0 || (v >= 1.0 && v.fract() == 0.0) {
         format!("{v:.0}")
     } else if v >= 1.0 {
         format!("{v:.1}")
