@@ -88,6 +88,8 @@ pub(crate) struct Drain {
     pub(crate) reordered: u64,
     pub(crate) bad: u64,
     pub(crate) pkid_mismatch: u64,
+    /// Device connections the gateway reset after the DISCONNECT (backlog and live).
+    pub(crate) reset_after_disconnect: u64,
     /// Gateway CPU per delivered message (backlog and live) during the drain, µs.
     pub(crate) gateway_cpu_us_per_msg: f64,
     pub(crate) memory_end: Memory,
@@ -339,6 +341,11 @@ async fn drain(
             .iter()
             .chain(&live_results)
             .map(|r| r.pkid_mismatch)
+            .sum(),
+        reset_after_disconnect: backlog
+            .iter()
+            .chain(&live_results)
+            .map(|r| r.reset_after_disconnect)
             .sum(),
         gateway_cpu_us_per_msg: cpu / s.received.max(1) as f64 * 1e6,
         memory_end: Memory::of(pid),

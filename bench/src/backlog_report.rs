@@ -198,7 +198,7 @@ pub(crate) fn backlog_json(results: &[BacklogResult]) -> Value {
                         "live_end_to_end_ms": pct(d.live_e2e_ms),
                         "lost_backlog": d.lost_backlog, "lost_live": d.lost_live,
                         "duplicates": d.duplicates, "reordered": d.reordered, "bad": d.bad,
-                        "pkid_mismatch": d.pkid_mismatch,
+                        "pkid_mismatch": d.pkid_mismatch, "reset_after_disconnect": d.reset_after_disconnect,
                         "gateway_cpu_us_per_msg": d.gateway_cpu_us_per_msg,
                         "memory_end": mem(d.memory_end),
                     },

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use blindgate::pki::DevPki;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::QoS;
@@ -103,6 +103,9 @@ pub(crate) struct DevResult {
     pub(crate) acked: u64,
     pub(crate) ack_latencies_ns: Vec<u64>,
     pub(crate) pkid_mismatch: u64,
+    /// 1 if the gateway reset the connection after our DISCONNECT, every publish having
+    /// been acknowledged (see `read_pubacks`).
+    pub(crate) reset_after_disconnect: u64,
 }
 
 /// Where the devices publish: a gateway, or the cloud broker itself.
@@ -144,7 +147,9 @@ pub(crate) async fn run_device(
         .unwrap_or_else(|| device.tls_gateway.clone());
     // blindgate requires the client id to be the certificate's device id.
     let permit = connecting.acquire_owned().await?;
-    let (stream, buf) = mqtt_connect(target.port, tls, &device.name).await?;
+    let (stream, buf) = mqtt_connect(target.port, tls, &device.name)
+        .await
+        .context("connecting")?;
     drop(permit);
     let (rd, mut wr) = tokio::io::split(stream);
     let window = Arc::new(Semaphore::new(phase.window));
@@ -159,7 +164,10 @@ pub(crate) async fn run_device(
         epoch,
         stop,
     };
-    let sent = publisher.run(&mut wr, &window, &tx, first_seq).await?;
+    let sent = publisher
+        .run(&mut wr, &window, &tx, first_seq)
+        .await
+        .context("publishing")?;
 
     // Every publish acknowledged: all permits are back.
     let all = u32::try_from(phase.window)?;
@@ -173,6 +181,13 @@ pub(crate) async fn run_device(
         Ok(joined) => joined??,
         Err(_) => bail!("{}: connection not closed after DISCONNECT", device.name),
     };
+    if result.reset_after_disconnect > 0 && drained.is_err() {
+        bail!(
+            "{}: connection reset by the gateway with {} of {sent} publishes unacknowledged",
+            device.name,
+            sent - result.acked
+        );
+    }
     if drained.is_err() {
         eprintln!(
             "{}: {} of {sent} publishes never acknowledged",
@@ -184,8 +199,21 @@ pub(crate) async fn run_device(
     Ok(result)
 }
 
+/// Whether `e` is a connection reset by the peer.
+fn is_reset(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset)
+    })
+}
+
 /// Reads PUBACKs until the connection closes, matching each to the oldest publish in
 /// flight (`(pkid, send time)` from `rx`) and returning its permit to `window`.
+///
+/// A connection reset ends it like a close, noted in `reset_after_disconnect` (the
+/// caller fails the device unless every publish was acknowledged before its DISCONNECT).
+/// blindgate closes a session on DISCONNECT while the device's TLS close_notify, sent
+/// right after it, may still be unread, and the kernel then answers with a reset.
 async fn read_pubacks(
     mut rd: ReadHalf<Stream>,
     mut buf: BytesMut,
@@ -194,7 +222,16 @@ async fn read_pubacks(
     epoch: Instant,
 ) -> Result<DevResult> {
     let mut r = DevResult::default();
-    while let Some(packet) = read_packet(&mut rd, &mut buf).await? {
+    loop {
+        let packet = match read_packet(&mut rd, &mut buf).await {
+            Ok(Some(packet)) => packet,
+            Ok(None) => break,
+            Err(e) if is_reset(&e) => {
+                r.reset_after_disconnect = 1;
+                break;
+            }
+            Err(e) => return Err(e),
+        };
         if let Packet::PubAck(ack) = packet {
             // Both gateways and the broker acknowledge in publish order.
             let (pkid, sent) = rx

@@ -203,6 +203,7 @@ pub(crate) fn tally(
         bad: s.bad,
         stray: s.stray,
         pkid_mismatch: results.iter().map(|r| r.pkid_mismatch).sum(),
+        reset_after_disconnect: results.iter().map(|r| r.reset_after_disconnect).sum(),
         publish_seconds,
         delivery_seconds,
         accepted_per_sec: acked as f64 / publish_seconds,

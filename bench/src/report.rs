@@ -23,6 +23,8 @@ pub(crate) struct PhaseResult {
     pub(crate) bad: u64,
     pub(crate) stray: u64,
     pub(crate) pkid_mismatch: u64,
+    /// Device connections the gateway reset after the DISCONNECT (see `load.rs`).
+    pub(crate) reset_after_disconnect: u64,
     pub(crate) publish_seconds: f64,
     /// From the first send to the last envelope checked at the counter.
     pub(crate) delivery_seconds: f64,
@@ -73,6 +75,7 @@ impl PhaseResult {
             "sent": self.sent, "acked": self.acked, "received": self.received,
             "lost": self.lost, "duplicates": self.duplicates, "reordered": self.reordered,
             "bad": self.bad, "stray": self.stray, "pkid_mismatch": self.pkid_mismatch,
+            "reset_after_disconnect": self.reset_after_disconnect,
             "publish_seconds": self.publish_seconds, "delivery_seconds": self.delivery_seconds,
             "accepted_per_sec": self.accepted_per_sec, "delivered_per_sec": self.delivered_per_sec,
             "end_to_end_ms": pct(self.e2e_ms), "puback_ms": pct(self.ack_ms),
@@ -89,7 +92,7 @@ impl PhaseResult {
     /// One line for the progress log on stderr.
     pub(crate) fn summary(&self) -> String {
         format!(
-            "  sent {} acked {} received {} lost {} dup {} reordered {} bad {} | {:.0} msg/s delivered, e2e p50 {:.2} ms p99 {:.2} ms | CPU bench {:.0}% gateway {:.0}% cloud {:.0}%",
+            "  sent {} acked {} received {} lost {} dup {} reordered {} bad {} resets after DISCONNECT {} | {:.0} msg/s delivered, e2e p50 {:.2} ms p99 {:.2} ms | CPU bench {:.0}% gateway {:.0}% cloud {:.0}%",
             self.sent,
             self.acked,
             self.received,
@@ -97,6 +100,7 @@ impl PhaseResult {
             self.duplicates,
             self.reordered,
             self.bad,
+            self.reset_after_disconnect,
             self.delivered_per_sec,
             self.e2e_ms[0],
             self.e2e_ms[1],
@@ -271,6 +275,13 @@ fn render_scenario(t: &mut String, sc: &Scenario, row: &[PhaseResult]) {
         "  gateway disk written per payload B".into(),
         &|r| r.written_per_payload_byte,
         2,
+        "",
+        "",
+    );
+    line(
+        "  connections reset after DISCONNECT".into(),
+        &|r| r.reset_after_disconnect as f64,
+        0,
         "",
         "",
     );
