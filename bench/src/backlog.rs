@@ -115,7 +115,9 @@ pub(crate) struct BacklogResult {
 }
 
 impl BacklogResult {
-    /// Every acknowledged message arrived once, intact, in order.
+    /// Every acknowledged message arrived intact, and PUBACKs came in publish order
+    /// (duplicates and reordering are reported but, as in the other scenarios, do not
+    /// fail the run).
     pub(crate) fn ok(&self) -> bool {
         let d = &self.drain;
         self.queued > 0
@@ -123,7 +125,6 @@ impl BacklogResult {
             && d.lost_live == 0
             && d.bad == 0
             && d.pkid_mismatch == 0
-            && d.reordered == 0
     }
 }
 

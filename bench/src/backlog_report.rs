@@ -164,6 +164,18 @@ pub(crate) fn render_backlog(results: &[BacklogResult], idle_devices: usize) -> 
         "",
     );
     row(
+        "duplicates (queued + live)",
+        &|r| Some(r.drain.duplicates as f64),
+        0,
+        "",
+    );
+    row(
+        "reordered (queued + live)",
+        &|r| Some(r.drain.reordered as f64),
+        0,
+        "",
+    );
+    row(
         "lost (queued + live)",
         &|r| Some((r.drain.lost_backlog + r.drain.lost_live) as f64),
         0,

@@ -193,6 +193,16 @@ pub(crate) fn render_table(
     t
 }
 
+/// `a / b` with two decimals, or "-" when it means nothing (`b` is 0 or not a number).
+fn ratio(a: f64, b: f64) -> String {
+    let r = a / b;
+    if r.is_finite() {
+        format!("{r:.2}")
+    } else {
+        "-".to_owned()
+    }
+}
+
 /// The table's lines of one scenario (`row`: blindgate, the bridge, direct).
 fn render_scenario(t: &mut String, sc: &Scenario, row: &[PhaseResult]) {
     let [bg, mq, dir] = row else {
@@ -213,8 +223,8 @@ fn render_scenario(t: &mut String, sc: &Scenario, row: &[PhaseResult]) {
         let (a, b, c) = (f(bg), f(mq), f(dir));
         let _ = writeln!(
             t,
-            "| {label:<48} | {a:>10.prec$} | {b:>16.prec$} | {:>6.2} | {c:>14.prec$} | {cpu:>22} | {lost:>17} |",
-            a / b
+            "| {label:<48} | {a:>10.prec$} | {b:>16.prec$} | {:>6} | {c:>14.prec$} | {cpu:>22} | {lost:>17} |",
+            ratio(a, b)
         );
     };
     if sc.unit == "msg/s" {
