@@ -37,6 +37,9 @@ pub(crate) struct BacklogSpec<'a> {
     /// Devices connected idle for the memory figures (the first ones).
     pub(crate) idle_devices: usize,
     pub(crate) window: usize,
+    /// Pause before each memory and disk reading, for the gateway to finish what it was
+    /// doing (flushes, handshakes).
+    pub(crate) settle: Duration,
     pub(crate) dir: &'a Path,
     pub(crate) pki: &'a DevPki,
     pub(crate) cloud_port: u16,
@@ -182,9 +185,9 @@ pub(crate) async fn run_backlog(
         tls_override: None,
     });
     let pid = inst.proc.pid();
-    settle().await;
+    tokio::time::sleep(spec.settle).await;
     let memory_start = Memory::of(pid);
-    let memory_idle = idle_memory(bench, &target, spec.idle_devices, pid).await?;
+    let memory_idle = idle_memory(bench, &target, spec, pid).await?;
 
     // Queue the backlog.
     let per_device = spec.messages.div_ceil(spec.backlog_devices.max(1) as u64);
@@ -201,11 +204,11 @@ pub(crate) async fn run_backlog(
     let backlog = bench.collect(&target, phase, tasks).await?;
     let queue_seconds = t0.elapsed().as_secs_f64();
     let queued: u64 = backlog.iter().map(|r| r.acked).sum();
-    settle().await;
+    tokio::time::sleep(spec.settle).await;
     let queue_write_bytes = write_bytes(pid).saturating_sub(io0);
     let memory_backlog = Memory::of(pid);
     let disk_bytes = disk_usage(&inst.queue);
-    let memory_idle_backlog = idle_memory(bench, &target, spec.idle_devices, pid).await?;
+    let memory_idle_backlog = idle_memory(bench, &target, spec, pid).await?;
     eprintln!(
         "  queued {queued} in {queue_seconds:.1} s; RSS {:.1} MiB; queue on disk {:.1} MiB",
         memory_backlog.rss_mib(),
@@ -252,16 +255,16 @@ pub(crate) async fn run_backlog(
     })
 }
 
-/// Lets the gateway finish what it was doing (flushes, handshakes) before a reading.
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-}
-
-/// The gateway's memory with the first `n` devices connected and idle.
-async fn idle_memory(bench: &Bench, target: &Target, n: usize, pid: u32) -> Result<Memory> {
-    let n = n.min(bench.devices.len());
+/// The gateway's memory with the spec's idle devices connected.
+async fn idle_memory(
+    bench: &Bench,
+    target: &Target,
+    spec: &BacklogSpec<'_>,
+    pid: u32,
+) -> Result<Memory> {
+    let n = spec.idle_devices.min(bench.devices.len());
     let conns = connect_idle(target, &bench.devices[..n]).await?;
-    settle().await;
+    tokio::time::sleep(spec.settle).await;
     let m = Memory::of(pid);
     eprintln!(
         "  {} idle devices connected to {}: RSS {:.1} MiB",

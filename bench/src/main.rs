@@ -243,6 +243,7 @@ async fn run(args: Args, work: &Path) -> Result<bool> {
             live_rate,
             idle_devices: many,
             window: args.window,
+            settle: std::time::Duration::from_millis(if smoke { 300 } else { 1500 }),
             dir: &dir,
             pki: &pki,
             cloud_port,
