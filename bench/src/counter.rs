@@ -44,6 +44,15 @@ pub(crate) struct CounterState {
     pub(crate) latencies_ns: Vec<u64>,
     first_rx_ns: u64,
     pub(crate) last_rx_ns: u64,
+    /// Devices below `split` are the backlog's, the others the live traffic's (the
+    /// backlog drain scenario; `usize::MAX` in every other).
+    split: usize,
+    /// Unique envelopes of devices below `split`, and when the first and last arrived.
+    pub(crate) low_received: u64,
+    pub(crate) low_first_rx_ns: u64,
+    pub(crate) low_last_rx_ns: u64,
+    /// End-to-end latencies of the envelopes of devices from `split` on.
+    pub(crate) live_latencies_ns: Vec<u64>,
 }
 
 pub(crate) struct Counter {
@@ -73,8 +82,9 @@ impl Counter {
         })
     }
 
-    /// Starts counting run `run`, whose device `i` sends seqs above `bases[i]`.
-    pub(crate) fn reset(&self, run: u32, bases: &[u64]) {
+    /// Starts counting run `run`, whose device `i` sends seqs above `bases[i]`; devices
+    /// below `split` are counted apart from the others (`usize::MAX`: not at all).
+    pub(crate) fn reset_split(&self, run: u32, bases: &[u64], split: usize) {
         let mut s = self.lock();
         *s = CounterState {
             run,
@@ -85,6 +95,7 @@ impl Counter {
                     ..DevSeen::default()
                 })
                 .collect(),
+            split,
             ..CounterState::default()
         };
     }
@@ -159,6 +170,15 @@ impl Counter {
         }
         s.last_rx_ns = now;
         s.latencies_ns.push(now.saturating_sub(sent));
+        if index < s.split {
+            s.low_received += 1;
+            if s.low_first_rx_ns == 0 {
+                s.low_first_rx_ns = now;
+            }
+            s.low_last_rx_ns = now;
+        } else {
+            s.live_latencies_ns.push(now.saturating_sub(sent));
+        }
     }
 }
 

@@ -4,9 +4,10 @@
 //! seq and the send time, so the counter can check loss, order and latency.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use blindgate::pki::DevPki;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::QoS;
@@ -65,6 +66,34 @@ pub(crate) struct Phase {
     /// Messages per second per device; `None` = as fast as the window allows.
     pub(crate) rate_per_device: Option<f64>,
     pub(crate) window: usize,
+    /// The devices that publish: `first_device..first_device + n_devices` of the bench.
+    pub(crate) first_device: usize,
+    pub(crate) n_devices: usize,
+    /// Each device stops after this many publishes (or at the phase's end, if earlier).
+    pub(crate) count: Option<u64>,
+}
+
+impl Phase {
+    /// `seconds` of publishing `envelope_size` envelopes from the first `n_devices`
+    /// devices, at `rate_per_device` (`None`: as fast as `window` allows).
+    pub(crate) fn new(
+        envelope_size: usize,
+        seconds: f64,
+        rate_per_device: Option<f64>,
+        window: usize,
+        n_devices: usize,
+    ) -> Self {
+        Self {
+            run: 0,
+            envelope_size,
+            seconds,
+            rate_per_device,
+            window,
+            first_device: 0,
+            n_devices,
+            count: None,
+        }
+    }
 }
 
 /// One device's side of a phase.
@@ -74,6 +103,9 @@ pub(crate) struct DevResult {
     pub(crate) acked: u64,
     pub(crate) ack_latencies_ns: Vec<u64>,
     pub(crate) pkid_mismatch: u64,
+    /// 1 if the gateway reset the connection after our DISCONNECT, every publish having
+    /// been acknowledged (see `read_pubacks`).
+    pub(crate) reset_after_disconnect: u64,
 }
 
 /// Where the devices publish: a gateway, or the cloud broker itself.
@@ -93,22 +125,32 @@ fn stamp(buf: &mut [u8], run: u32, dev: u32, seq: u64, sent_ns: u64) {
     buf[16..24].copy_from_slice(&sent_ns.to_be_bytes());
 }
 
-/// Device `index` publishes to `target` for the phase (seqs above `first_seq`), then
-/// waits for every PUBACK (up to 60 s) and disconnects.
+/// Most devices connecting (TCP, TLS, CONNECT) at the same time. Both gateways listen
+/// with a short accept queue (blindgate 128, Mosquitto 100): 1,000 devices connecting
+/// at once overflow it, and the kernel then resets some of the connections.
+pub(crate) const MAX_CONNECTING: usize = 64;
+
+/// Device `index` connects (holding a permit of `connecting` meanwhile), publishes to
+/// `target` for the phase (seqs above `first_seq`) or until `stop` is set, then waits
+/// for every PUBACK (up to 60 s) and disconnects.
 pub(crate) async fn run_device(
     target: Arc<Target>,
-    index: usize,
-    device: Arc<Device>,
+    (index, device): (usize, Arc<Device>),
     phase: Phase,
-    first_seq: u64,
-    epoch: Instant,
+    (first_seq, epoch): (u64, Instant),
+    stop: Arc<AtomicBool>,
+    connecting: Arc<Semaphore>,
 ) -> Result<DevResult> {
     let tls = target
         .tls_override
         .clone()
         .unwrap_or_else(|| device.tls_gateway.clone());
     // blindgate requires the client id to be the certificate's device id.
-    let (stream, buf) = mqtt_connect(target.port, tls, &device.name).await?;
+    let permit = connecting.acquire_owned().await?;
+    let (stream, buf) = mqtt_connect(target.port, tls, &device.name)
+        .await
+        .context("connecting")?;
+    drop(permit);
     let (rd, mut wr) = tokio::io::split(stream);
     let window = Arc::new(Semaphore::new(phase.window));
     let (tx, rx) = mpsc::unbounded_channel::<(u16, u64)>();
@@ -120,8 +162,12 @@ pub(crate) async fn run_device(
         index,
         phase,
         epoch,
+        stop,
     };
-    let sent = publisher.run(&mut wr, &window, &tx, first_seq).await?;
+    let sent = publisher
+        .run(&mut wr, &window, &tx, first_seq)
+        .await
+        .context("publishing")?;
 
     // Every publish acknowledged: all permits are back.
     let all = u32::try_from(phase.window)?;
@@ -135,6 +181,13 @@ pub(crate) async fn run_device(
         Ok(joined) => joined??,
         Err(_) => bail!("{}: connection not closed after DISCONNECT", device.name),
     };
+    if result.reset_after_disconnect > 0 && drained.is_err() {
+        bail!(
+            "{}: connection reset by the gateway with {} of {sent} publishes unacknowledged",
+            device.name,
+            sent - result.acked
+        );
+    }
     if drained.is_err() {
         eprintln!(
             "{}: {} of {sent} publishes never acknowledged",
@@ -146,8 +199,21 @@ pub(crate) async fn run_device(
     Ok(result)
 }
 
+/// Whether `e` is a connection reset by the peer.
+fn is_reset(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset)
+    })
+}
+
 /// Reads PUBACKs until the connection closes, matching each to the oldest publish in
 /// flight (`(pkid, send time)` from `rx`) and returning its permit to `window`.
+///
+/// A connection reset ends it like a close, noted in `reset_after_disconnect` (the
+/// caller fails the device unless every publish was acknowledged before its DISCONNECT).
+/// blindgate closes a session on DISCONNECT while the device's TLS close_notify, sent
+/// right after it, may still be unread, and the kernel then answers with a reset.
 async fn read_pubacks(
     mut rd: ReadHalf<Stream>,
     mut buf: BytesMut,
@@ -156,7 +222,16 @@ async fn read_pubacks(
     epoch: Instant,
 ) -> Result<DevResult> {
     let mut r = DevResult::default();
-    while let Some(packet) = read_packet(&mut rd, &mut buf).await? {
+    loop {
+        let packet = match read_packet(&mut rd, &mut buf).await {
+            Ok(Some(packet)) => packet,
+            Ok(None) => break,
+            Err(e) if is_reset(&e) => {
+                r.reset_after_disconnect = 1;
+                break;
+            }
+            Err(e) => return Err(e),
+        };
         if let Packet::PubAck(ack) = packet {
             // Both gateways and the broker acknowledge in publish order.
             let (pkid, sent) = rx
@@ -182,6 +257,7 @@ struct Publisher {
     index: usize,
     phase: Phase,
     epoch: Instant,
+    stop: Arc<AtomicBool>,
 }
 
 impl Publisher {
@@ -215,7 +291,9 @@ impl Publisher {
                     () = tokio::time::sleep_until(end) => break,
                 }
             }
-            if tokio::time::Instant::now() >= end {
+            let left = phase.count.map_or(u64::MAX, |c| c.saturating_sub(sent));
+            if tokio::time::Instant::now() >= end || left == 0 || self.stop.load(Ordering::Relaxed)
+            {
                 break;
             }
             let permit = tokio::select! {
@@ -225,7 +303,7 @@ impl Publisher {
             permit.forget();
             let mut n = 1;
             if ticker.is_none() {
-                while n < MAX_BATCH {
+                while n < MAX_BATCH && (n as u64) < left {
                     let Ok(p) = window.try_acquire() else { break };
                     p.forget();
                     n += 1;
@@ -266,4 +344,28 @@ impl Publisher {
             .map_err(|_| anyhow!("PUBACK reader stopped"))?;
         Ok(())
     }
+}
+
+/// Connects `devices` to `target` (at most [`MAX_CONNECTING`] at a time) and returns the
+/// open connections, which stay connected and idle until dropped.
+pub(crate) async fn connect_idle(target: &Target, devices: &[Arc<Device>]) -> Result<Vec<Stream>> {
+    let gate = Arc::new(Semaphore::new(MAX_CONNECTING));
+    let mut tasks = Vec::new();
+    for device in devices {
+        let tls = target
+            .tls_override
+            .clone()
+            .unwrap_or_else(|| device.tls_gateway.clone());
+        let (gate, port, name) = (gate.clone(), target.port, device.name.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await?;
+            let (stream, _) = mqtt_connect(port, tls, &name).await?;
+            anyhow::Ok(stream)
+        }));
+    }
+    let mut streams = Vec::new();
+    for t in tasks {
+        streams.push(t.await??);
+    }
+    Ok(streams)
 }

@@ -16,35 +16,50 @@
 //! - `mosquitto bridge`: Mosquitto with a device listener (mTLS 1.3) and a bridge to the
 //!   cloud broker (`persistence true`, QoS 1, `bridge_tls_version tlsv1.3`, client cert);
 //! - `direct`: the devices publish straight to the cloud broker (the ceiling).
-
+//!
+//! Then the backlog scenario runs against fresh instances of both gateways (the direct
+//! ceiling has no queue): memory, disk, restart and drain figures (see [`backlog`]).
 //!
 //! Modules: [`brokers`] (the processes and their configurations), [`mqtt`] (the small
 //! MQTT client), [`load`] (the device load generator), [`counter`] (the cloud-side
-//! counter), [`phase`] (one scenario against one target), [`report`] (table and JSON).
+//! counter), [`phase`] (one scenario against one target), [`scenarios`] (the scenarios
+//! run against all three targets), [`backlog`], [`proxy`] and [`restart`] (the backlog
+//! scenario), [`procfs`] (memory, disk), [`report`] and [`backlog_report`] (tables and
+//! JSON), [`svg`] (the plots).
 
 #![forbid(unsafe_code)]
 
+mod backlog;
+mod backlog_report;
 mod brokers;
 mod counter;
 mod load;
 mod mqtt;
 mod phase;
+mod procfs;
+mod proxy;
 mod report;
+mod restart;
+mod scenarios;
+mod svg;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{Result, bail};
-use blindgate::pki::{DevPki, DevPkiOptions, generate_dev_pki};
+use blindgate::pki::{DevPkiOptions, generate_dev_pki};
 use clap::Parser;
 
-use crate::brokers::{BlindgateSpec, Proc, start_blindgate, start_bridge, start_cloud};
+use crate::backlog::{BacklogSpec, Gateway, run_backlog};
+use crate::backlog_report::{backlog_json, render_backlog};
+use crate::brokers::{BlindgateSpec, start_blindgate, start_bridge, start_cloud};
 use crate::counter::{Counter, run_counter};
-use crate::load::{Phase, Target};
 use crate::mqtt::tls_config;
 use crate::phase::Bench;
-use crate::report::{PhaseResult, RunInfo, render_table, results_json};
+use crate::report::{RunInfo, render_table, results_json};
+use crate::scenarios::{run_scenarios, scenarios, targets, warm_up};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -67,13 +82,23 @@ struct Args {
     /// Device connections (default 10, smoke 4).
     #[arg(long)]
     devices: Option<usize>,
+    /// Device connections of the many-devices throughput scenario, and idle devices of
+    /// the memory figures (default 1000, smoke 50).
+    #[arg(long)]
+    many_devices: Option<usize>,
+    /// Messages queued in the backlog scenario (default 1000000, smoke 20000; 0 skips it).
+    #[arg(long)]
+    backlog: Option<u64>,
+    /// Live traffic during the drain, msg/s in all (default 500, smoke 200).
+    #[arg(long)]
+    live_rate: Option<f64>,
     /// Publishes awaiting PUBACK per connection.
     #[arg(long, default_value_t = 100)]
     window: usize,
     /// Total messages per second of the latency scenario (default 2000, smoke 500).
     #[arg(long)]
     latency_rate: Option<u32>,
-    /// Where the machine-readable results go.
+    /// Where the machine-readable results go (the SVG plots go next to it).
     #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
     /// blindgate's log level (its log is in the work directory).
@@ -84,16 +109,9 @@ struct Args {
     keep: bool,
 }
 
-/// One row group of the table: a named phase run against every target.
-pub(crate) struct Scenario {
-    pub(crate) name: String,
-    pub(crate) unit: &'static str,
-    phase: Phase,
-}
-
-/// The targets in table order (blindgate, the bridge, direct), each with the pid of its
-/// gateway process (none for direct).
-type Targets = [(Arc<Target>, Option<u32>); 3];
+/// Devices that queue the backlog, and devices that publish live during the drain.
+const BACKLOG_DEVICES: usize = 10;
+const LIVE_DEVICES: usize = 10;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -141,15 +159,24 @@ fn main() -> std::process::ExitCode {
 /// match its header, a PUBACK came out of publish order, or nothing was acknowledged.
 async fn run(args: Args, work: &Path) -> Result<bool> {
     let load_before = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let seconds = args.seconds.unwrap_or(if args.smoke { 3.0 } else { 10.0 });
-    let n_devices = args.devices.unwrap_or(if args.smoke { 4 } else { 10 });
-    let latency_rate = args
-        .latency_rate
-        .unwrap_or(if args.smoke { 500 } else { 2000 });
+    let smoke = args.smoke;
+    let seconds = args.seconds.unwrap_or(if smoke { 3.0 } else { 10.0 });
+    let n_devices = args.devices.unwrap_or(if smoke { 4 } else { 10 });
+    let many = args.many_devices.unwrap_or(if smoke { 50 } else { 1000 });
+    let backlog = args
+        .backlog
+        .unwrap_or(if smoke { 20_000 } else { 1_000_000 });
+    let live_rate = args.live_rate.unwrap_or(if smoke { 200.0 } else { 500.0 });
+    let latency_rate = args.latency_rate.unwrap_or(if smoke { 500 } else { 2000 });
     check_binaries(&args)?;
+    // Each device connection is a file in the bench and one in the gateway (which
+    // inherits the limit), plus queue files, logs and the cloud side.
+    procfs::check_open_files(2 * many as u64 + 256)?;
     let dir = work.to_owned();
 
-    let names: Vec<String> = (0..n_devices).map(|i| format!("bench-{i}")).collect();
+    let n_total = n_devices.max(many).max(BACKLOG_DEVICES + LIVE_DEVICES);
+    let names: Vec<String> = (0..n_total).map(|i| format!("bench-{i}")).collect();
+    let pki_started = std::time::Instant::now();
     let pki = generate_dev_pki(&DevPkiOptions {
         out_dir: dir.join("certs"),
         gateway_id: "gw-1".into(),
@@ -158,6 +185,10 @@ async fn run(args: Args, work: &Path) -> Result<bool> {
         validity_days: 30,
         force: false,
     })?;
+    eprintln!(
+        "dev PKI for {n_total} devices generated in {:.2} s",
+        pki_started.elapsed().as_secs_f64()
+    );
     let devices = load::devices(&pki)?;
 
     // The cloud broker, shared by all targets, and the counter on it.
@@ -174,44 +205,100 @@ async fn run(args: Args, work: &Path) -> Result<bool> {
         binary: &args.blindgate,
         window: args.window,
         log_level: &args.gateway_log_level,
+        subdir: "blindgate",
+        client_id: "",
+        notify_socket: None,
     };
-    let (mut blindgate, bg_port) = start_blindgate(&spec, &dir, cloud_port, &pki)?;
-    let (mut bridge, br_port) = start_bridge(&args.mosquitto, &dir, cloud_port, &pki)?;
-    let targets = targets(&pki, [&blindgate, &bridge], [bg_port, br_port], cloud_port)?;
+    let (mut blindgate, _) = start_blindgate(&spec, &dir, cloud_port, &pki)?;
+    let bridge_names = ("bridge", "gw-1-bridge");
+    let (mut bridge, _) = start_bridge(&args.mosquitto, &dir, bridge_names, cloud_port, &pki)?;
+    let ports = [blindgate.port(), bridge.port()];
+    let targets = targets(&pki, [&blindgate, &bridge], ports, cloud_port)?;
     let mut bench = Bench {
         epoch: counter.epoch,
         devices,
         counter: counter.clone(),
-        next_seq: vec![0; n_devices],
+        next_seq: vec![0; n_total],
         next_run: 0,
         self_pid: std::process::id(),
         cloud_pid: cloud.pid(),
+        stop: Arc::new(AtomicBool::new(false)),
     };
 
-    warm_up(&mut bench, &targets, args.window).await?;
-    let scenarios = scenarios(seconds, latency_rate, n_devices, args.window);
-    let (ok, all) = run_scenarios(&mut bench, &targets, &scenarios, seconds, n_devices).await?;
+    warm_up(&mut bench, &targets, args.window, n_devices).await?;
+    let scenarios = scenarios(seconds, latency_rate, (n_devices, many), args.window);
+    let (mut ok, all) = run_scenarios(&mut bench, &targets, &scenarios).await?;
     for p in [&mut cloud, &mut blindgate, &mut bridge] {
         p.check_alive()?;
     }
+    // The backlog scenario runs on fresh instances: these would only compete for CPU.
+    drop((blindgate, bridge));
+
+    let mut backlog_results = Vec::new();
+    if backlog > 0 {
+        let spec = BacklogSpec {
+            messages: backlog,
+            backlog_devices: BACKLOG_DEVICES,
+            live_devices: LIVE_DEVICES,
+            live_rate,
+            idle_devices: many,
+            window: args.window,
+            settle: std::time::Duration::from_millis(if smoke { 300 } else { 1500 }),
+            dir: &dir,
+            pki: &pki,
+            cloud_port,
+            blindgate: &args.blindgate,
+            mosquitto: &args.mosquitto,
+            log_level: &args.gateway_log_level,
+        };
+        for gw in [Gateway::Blindgate, Gateway::Bridge] {
+            let r = run_backlog(&mut bench, &spec, gw).await?;
+            if !r.ok() {
+                eprintln!(
+                    "  CHECK FAILED for the backlog of {}: {:?}",
+                    gw.name(),
+                    r.drain
+                );
+                ok = false;
+            }
+            backlog_results.push(r);
+        }
+    }
+    cloud.check_alive()?;
     counter_task.abort();
 
-    println!("{}", render_table(&scenarios, &all, n_devices, args.window));
+    println!("{}", render_table(&scenarios, &all, args.window));
+    println!("{}", render_backlog(&backlog_results, many));
     let info = RunInfo {
         loadavg_before: &load_before,
         devices: n_devices,
         window: args.window,
         seconds,
-        smoke: args.smoke,
+        smoke,
         ok,
     };
     let names = targets.each_ref().map(|(t, _)| t.name);
-    let results = results_json(&info, &scenarios, &names, &all);
-    if let Some(parent) = args.json.parent() {
-        fs::create_dir_all(parent)?;
-    }
+    let mut results = results_json(&info, &scenarios, &names, &all);
+    results["backlog"] = backlog_json(&backlog_results);
+    results["many_devices"] = many.into();
+    let out = args.json.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(out)?;
     fs::write(&args.json, serde_json::to_string_pretty(&results)?)?;
-    eprintln!("results written to {}", args.json.display());
+    // results.json → results-throughput.svg, results-latency.svg (smoke.json → smoke-…).
+    let stem = args
+        .json
+        .file_stem()
+        .map_or("results".into(), |s| s.to_string_lossy());
+    for (name, svg) in svg::plots(&scenarios, &names, &all, &backlog_results) {
+        fs::write(out.join(format!("{stem}-{name}.svg")), svg)?;
+    }
+    eprintln!(
+        "results written to {} (plots next to it); load average now {}",
+        args.json.display(),
+        fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
     Ok(ok)
 }
 
@@ -229,133 +316,4 @@ fn check_binaries(args: &Args) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// blindgate, the Mosquitto bridge (`gateways`, on `ports`) and the direct ceiling (the
-/// cloud broker on `cloud_port`, with the gateway's client certificate).
-fn targets(
-    pki: &DevPki,
-    gateways: [&Proc; 2],
-    ports: [u16; 2],
-    cloud_port: u16,
-) -> Result<Targets> {
-    let cloud_client = tls_config(
-        &pki.cloud_ca.cert,
-        &pki.gateway_client.cert,
-        &pki.gateway_client.key,
-    )?;
-    Ok([
-        (
-            Arc::new(Target {
-                name: "blindgate",
-                port: ports[0],
-                topic_prefix: "e3/",
-                tls_override: None,
-            }),
-            Some(gateways[0].pid()),
-        ),
-        (
-            Arc::new(Target {
-                name: "mosquitto bridge",
-                port: ports[1],
-                topic_prefix: "e3/",
-                tls_override: None,
-            }),
-            Some(gateways[1].pid()),
-        ),
-        (
-            Arc::new(Target {
-                name: "direct",
-                port: cloud_port,
-                topic_prefix: "gw/gw-1/e3/",
-                tls_override: Some(cloud_client),
-            }),
-            None,
-        ),
-    ])
-}
-
-/// Warm-up: a few messages per device through every target, all must arrive (this
-/// also waits for both uplinks to the cloud broker to be connected).
-async fn warm_up(bench: &mut Bench, targets: &Targets, window: usize) -> Result<()> {
-    for (target, pid) in targets {
-        let warm = Phase {
-            run: 0,
-            envelope_size: 256,
-            seconds: 1.0,
-            rate_per_device: Some(20.0),
-            window,
-        };
-        let r = bench.run_phase(target, *pid, warm).await?;
-        if r.lost > 0 || r.acked == 0 {
-            bail!(
-                "warm-up through {}: {} acked, {} lost",
-                target.name,
-                r.acked,
-                r.lost
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Throughput at 256 B and 16 KiB, and latency at a fixed total rate.
-fn scenarios(seconds: f64, latency_rate: u32, n_devices: usize, window: usize) -> [Scenario; 3] {
-    let phase = |envelope_size, rate_per_device| Phase {
-        run: 0,
-        envelope_size,
-        seconds,
-        rate_per_device,
-        window,
-    };
-    [
-        Scenario {
-            name: "throughput QoS 1, 256 B".into(),
-            unit: "msg/s",
-            phase: phase(256, None),
-        },
-        Scenario {
-            name: "throughput QoS 1, 16 KiB".into(),
-            unit: "msg/s",
-            phase: phase(16 * 1024, None),
-        },
-        Scenario {
-            name: format!("latency at {latency_rate} msg/s, 256 B"),
-            unit: "ms",
-            phase: phase(256, Some(f64::from(latency_rate) / n_devices as f64)),
-        },
-    ]
-}
-
-/// Every scenario against every target; `false` if a check failed (see [`run`]).
-async fn run_scenarios(
-    bench: &mut Bench,
-    targets: &Targets,
-    scenarios: &[Scenario],
-    seconds: f64,
-    n_devices: usize,
-) -> Result<(bool, Vec<Vec<PhaseResult>>)> {
-    let mut ok = true;
-    let mut all = Vec::new();
-    for sc in scenarios {
-        let mut row = Vec::new();
-        for (target, pid) in targets {
-            eprintln!(
-                "running: {} against {} ({seconds} s, {n_devices} devices)",
-                sc.name, target.name
-            );
-            let r = bench.run_phase(target, *pid, sc.phase).await?;
-            eprintln!("{}", r.summary());
-            if r.lost > 0 || r.bad > 0 || r.pkid_mismatch > 0 || r.acked == 0 {
-                eprintln!(
-                    "  CHECK FAILED for {}: lost {} bad {} pkid mismatches {}",
-                    target.name, r.lost, r.bad, r.pkid_mismatch
-                );
-                ok = false;
-            }
-            row.push(r);
-        }
-        all.push(row);
-    }
-    Ok((ok, all))
 }

@@ -4,13 +4,17 @@
 //! [`PhaseResult`] with the CPU the bench, the gateway and the cloud broker used.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 
 use crate::brokers::cpu_seconds;
 use crate::counter::{Counter, CounterState};
-use crate::load::{DevResult, Device, Phase, Target, run_device};
+use crate::load::{DevResult, Device, MAX_CONNECTING, Phase, Target, run_device};
+use crate::procfs::{Memory, write_bytes};
 use crate::report::{PhaseResult, percentiles};
 
 /// The state kept across phases: devices, the counter, and each device's next seq.
@@ -22,6 +26,15 @@ pub(crate) struct Bench {
     pub(crate) next_run: u32,
     pub(crate) self_pid: u32,
     pub(crate) cloud_pid: u32,
+    /// Set to end the publishing of running devices early (then cleared).
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
+/// What a gateway process did during a phase: CPU seconds and bytes written to disk.
+#[derive(Clone, Copy)]
+pub(crate) struct GatewayUse {
+    pub(crate) cpu_seconds: f64,
+    pub(crate) write_bytes: u64,
 }
 
 impl Bench {
@@ -30,27 +43,45 @@ impl Bench {
         &mut self,
         target: &Arc<Target>,
         gateway_pid: Option<u32>,
-        mut phase: Phase,
+        phase: Phase,
     ) -> Result<PhaseResult> {
-        self.next_run += 1;
-        phase.run = self.next_run;
-        let bases = self.next_seq.clone();
-        self.counter.reset(phase.run, &bases);
+        let phase = self.begin(phase, usize::MAX);
+        let io0 = gateway_pid.map_or(0, write_bytes);
         let cpu0 = self.cpu(gateway_pid);
         let start = Instant::now();
         let start_ns = self.epoch.elapsed().as_nanos() as u64;
-        let results = self.run_devices(target, phase, &bases).await?;
+        let tasks = self.spawn_devices(target, phase);
+        let results = self.collect(target, phase, tasks).await?;
         let publish_seconds = start.elapsed().as_secs_f64();
-        for (i, r) in results.iter().enumerate() {
-            self.next_seq[i] = bases[i] + r.sent;
-        }
         let acked: u64 = results.iter().map(|r| r.acked).sum();
         self.wait_for_counter(acked).await;
         let wall = start.elapsed().as_secs_f64();
         let cpu1 = self.cpu(gateway_pid);
+        let gateway = GatewayUse {
+            cpu_seconds: cpu1[1] - cpu0[1],
+            write_bytes: gateway_pid.map_or(0, write_bytes).saturating_sub(io0),
+        };
+        let used = gateway_pid.map(|pid| (gateway, Memory::of(pid)));
         let seen = std::mem::take(&mut *self.counter.lock());
         let cpu = [0, 1, 2].map(|k| (cpu1[k] - cpu0[k]) / wall);
-        Ok(tally(results, seen, start_ns, publish_seconds, cpu))
+        let mut r = tally(
+            results,
+            seen,
+            (phase.first_device, start_ns),
+            publish_seconds,
+            cpu,
+        );
+        r.set_gateway(used, phase.envelope_size);
+        Ok(r)
+    }
+
+    /// Starts a new run for `phase`: the counter expects every device's next seqs, and
+    /// counts devices below `split` apart from the others.
+    pub(crate) fn begin(&mut self, mut phase: Phase, split: usize) -> Phase {
+        self.next_run += 1;
+        phase.run = self.next_run;
+        self.counter.reset_split(phase.run, &self.next_seq, split);
+        phase
     }
 
     /// CPU seconds so far of the bench itself, the gateway (0 if none) and the cloud
@@ -63,36 +94,51 @@ impl Bench {
         ]
     }
 
-    /// Every device publishes for the phase; their results in device order.
-    async fn run_devices(
-        &self,
-        target: &Arc<Target>,
-        phase: Phase,
-        bases: &[u64],
-    ) -> Result<Vec<DevResult>> {
+    /// Starts the phase's devices publishing (the run set by [`Bench::begin`]).
+    pub(crate) fn spawn_devices(&self, target: &Arc<Target>, phase: Phase) -> Vec<Publishing> {
+        let range = phase.first_device..phase.first_device + phase.n_devices;
+        let connecting = Arc::new(Semaphore::new(MAX_CONNECTING));
         let mut tasks = Vec::new();
-        for (i, device) in self.devices.iter().enumerate() {
+        for (i, device) in self
+            .devices
+            .iter()
+            .enumerate()
+            .take(range.end)
+            .skip(range.start)
+        {
             tasks.push(tokio::spawn(run_device(
                 target.clone(),
-                i,
-                device.clone(),
+                (i, device.clone()),
                 phase,
-                bases[i],
-                self.epoch,
+                (self.next_seq[i], self.epoch),
+                self.stop.clone(),
+                connecting.clone(),
             )));
         }
+        tasks
+    }
+
+    /// Waits for the devices of [`Bench::spawn_devices`]; their results in device order.
+    pub(crate) async fn collect(
+        &mut self,
+        target: &Target,
+        phase: Phase,
+        tasks: Vec<Publishing>,
+    ) -> Result<Vec<DevResult>> {
         let mut results = Vec::new();
-        for (i, t) in tasks.into_iter().enumerate() {
+        for (k, t) in tasks.into_iter().enumerate() {
+            let i = phase.first_device + k;
             let r = t
                 .await?
                 .with_context(|| format!("{} device {i}", target.name))?;
+            self.next_seq[i] += r.sent;
             results.push(r);
         }
         Ok(results)
     }
 
     /// Waits for the counter: every acknowledged envelope, or no progress for 15 s.
-    async fn wait_for_counter(&self, acked: u64) {
+    pub(crate) async fn wait_for_counter(&self, acked: u64) {
         let (mut last, mut since) = (self.counter.received(), Instant::now());
         loop {
             let now = self.counter.received();
@@ -109,29 +155,39 @@ impl Bench {
     }
 }
 
-/// The phase's result from the devices' side and what the counter saw. An acknowledged
-/// message is lost if the counter never saw its seq (devices are acknowledged in order,
-/// so device `i`'s acknowledged seqs are the first `acked` of the run). `cpu` is cores
-/// used by the bench, the gateway and the cloud broker.
-fn tally(
-    mut results: Vec<DevResult>,
-    s: CounterState,
-    start_ns: u64,
-    publish_seconds: f64,
-    cpu: [f64; 3],
-) -> PhaseResult {
-    let acked: u64 = results.iter().map(|r| r.acked).sum();
+/// A device publishing (see [`run_device`]).
+pub(crate) type Publishing = JoinHandle<Result<DevResult>>;
+
+/// Acknowledged messages of `results` (devices from `first` on) the counter never saw.
+pub(crate) fn lost(results: &[DevResult], s: &CounterState, first: usize) -> u64 {
     let mut lost = 0;
     for (i, r) in results.iter().enumerate() {
         let counts = s
             .devs
-            .get(i)
+            .get(first + i)
             .map(|d| d.counts.as_slice())
             .unwrap_or_default();
         lost += (0..r.acked as usize)
             .filter(|&k| counts.get(k).is_none_or(|&c| c == 0))
             .count() as u64;
     }
+    lost
+}
+
+/// The phase's result from the devices' side (devices from `first` on) and what the
+/// counter saw. An acknowledged message is lost if the counter never saw its seq
+/// (devices are acknowledged in order, so device `i`'s acknowledged seqs are the first
+/// `acked` of the run). `cpu` is cores used by the bench, the gateway and the cloud
+/// broker.
+pub(crate) fn tally(
+    mut results: Vec<DevResult>,
+    s: CounterState,
+    (first, start_ns): (usize, u64),
+    publish_seconds: f64,
+    cpu: [f64; 3],
+) -> PhaseResult {
+    let acked: u64 = results.iter().map(|r| r.acked).sum();
+    let lost = lost(&results, &s, first);
     let delivery_seconds = s.last_rx_ns.saturating_sub(start_ns) as f64 / 1e9;
     let mut ack_lat = Vec::new();
     for r in &mut results {
@@ -147,6 +203,7 @@ fn tally(
         bad: s.bad,
         stray: s.stray,
         pkid_mismatch: results.iter().map(|r| r.pkid_mismatch).sum(),
+        reset_after_disconnect: results.iter().map(|r| r.reset_after_disconnect).sum(),
         publish_seconds,
         delivery_seconds,
         accepted_per_sec: acked as f64 / publish_seconds,
@@ -160,5 +217,6 @@ fn tally(
         bench_cpu: cpu[0],
         gateway_cpu: cpu[1],
         cloud_cpu: cpu[2],
+        ..PhaseResult::default()
     }
 }
