@@ -582,3 +582,76 @@ async fn a_device_held_by_a_full_queue_is_not_dropped_for_keep_alive() {
     }
     assert_eq!(connacks, 1, "still the first connection");
 }
+
+/// `TcpExtTCPAbortOnClose` of /proc/net/netstat: sockets this host closed with unread
+/// data, answering with RST instead of FIN (0 where the file is not readable).
+fn tcp_aborts_on_close() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "TCPAbortOnClose")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A device that sends DISCONNECT and closes its TLS side (close_notify) gets a clean
+/// close back, never a reset. The gateway used to drop the socket with the device's
+/// close_notify unread, and the kernel answered with RST: a device (and the benchmark)
+/// saw "connection reset by peer" after a clean disconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_disconnect_gets_a_clean_close_not_a_reset() {
+    use rumqttc::mqttbytes::v4::{Connect, Disconnect};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const ROUNDS: u64 = 20;
+    let gw = start(&["pump-17"]).await;
+    let (_, paths) = gw
+        .pki
+        .devices
+        .iter()
+        .find(|(id, _)| id == "pump-17")
+        .expect("device");
+    let tls = common::client_tls(&gw.pki.device_ca.cert, &paths.cert, &paths.key);
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let aborts_before = tcp_aborts_on_close();
+    let mut unclean = Vec::new();
+    for _ in 0..ROUNDS {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut stream = connector.connect(name, tcp).await.expect("TLS");
+        let mut out = bytes::BytesMut::new();
+        Connect::new("pump-17").write(&mut out).expect("CONNECT");
+        stream.write_all(&out).await.expect("send CONNECT");
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack).await.expect("CONNACK");
+        assert_eq!(connack, [0x20, 2, 0, 0], "accepted");
+        out.clear();
+        Disconnect.write(&mut out).expect("DISCONNECT");
+        stream.write_all(&out).await.expect("send DISCONNECT");
+        stream.shutdown().await.expect("close_notify");
+        let mut rest = Vec::new();
+        // A clean close: the gateway's close_notify, then EOF. A reset, or EOF without
+        // close_notify, is an error here.
+        if let Err(err) = stream.read_to_end(&mut rest).await {
+            unclean.push(err.to_string());
+        }
+    }
+    let aborts = tcp_aborts_on_close().saturating_sub(aborts_before);
+    eprintln!(
+        "clean disconnects: {ROUNDS}, unclean ends seen by the device: {}, aborted closes on this host: {aborts}",
+        unclean.len()
+    );
+    assert!(unclean.is_empty(), "after a clean disconnect: {unclean:?}");
+    // Other tests may abort a connection meanwhile; the old behaviour aborted each one.
+    assert!(
+        aborts < ROUNDS / 2,
+        "{aborts} of {ROUNDS} closes were resets"
+    );
+}

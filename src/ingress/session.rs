@@ -34,6 +34,9 @@ use crate::rate::TokenBucket;
 const DOWNLINK_INFLIGHT: usize = 16;
 /// How long a stopping gateway waits for pending queue writes before closing.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a session closed after the device's DISCONNECT waits for the device to
+/// close its side.
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
 
 type StoreFuture = Pin<Box<dyn Future<Output = (u16, QoS, Outcome)> + Send>>;
 
@@ -91,6 +94,21 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
         self.writer.write_all(&self.outbuf).await?;
         self.outbuf.clear();
         self.writer.flush().await
+    }
+
+    /// Closes after the device's DISCONNECT without a reset: our side first (TLS
+    /// `close_notify`, FIN), then what the device still sends (its own `close_notify`)
+    /// is read and dropped until it closes too, for at most [`CLOSE_LINGER`]. Closing a
+    /// socket with unread bytes makes the kernel send RST, which the device reports as
+    /// "connection reset" after a clean disconnect.
+    async fn close(&mut self) {
+        let _ = self.flush().await;
+        let _ = timeout(CLOSE_LINGER, async {
+            let _ = self.writer.shutdown().await;
+            let mut discard = [0u8; 512];
+            while matches!(self.reader.read(&mut discard).await, Ok(n) if n > 0) {}
+        })
+        .await;
     }
 }
 
@@ -208,7 +226,7 @@ impl Session {
                     Ok(Some(packet)) => {
                         self.last_seen = Instant::now();
                         if let Next::Close = self.handle(conn, packet).await {
-                            let _ = conn.flush().await;
+                            conn.close().await;
                             return;
                         }
                     }
