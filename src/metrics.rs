@@ -358,7 +358,10 @@ impl Metrics {
                 "uplink_connects_total",
                 "Uplink connections established to a cloud endpoint.",
             ),
-            uplink_connected: gauge("uplink_connected", "1 while the uplink is connected."),
+            uplink_connected: gauge(
+                "uplink_connected",
+                "1 while the uplink is connected and subscribed to its commands.",
+            ),
             last_cloud_ack_seconds: gauge(
                 "uplink_last_ack_timestamp_seconds",
                 "Unix time of the last PUBACK from the cloud broker.",

@@ -192,7 +192,8 @@ impl Connection<'_> {
             Event::Incoming(Incoming::ConnAck(_)) => {
                 tracing::info!(endpoint = %self.endpoint, "uplink connected");
                 self.metrics.uplink_connects.inc();
-                self.metrics.uplink_connected.set(1);
+                // `uplink_connected` goes to 1 at the SUBACK: from then on a command the
+                // cloud sends reaches this gateway.
                 let filter = self.settings.down_topic.filter();
                 client
                     .try_subscribe(filter, QoS::AtLeastOnce)
@@ -203,6 +204,16 @@ impl Connection<'_> {
                     now_ms(),
                 ));
                 self.fill(client, flight);
+            }
+            Event::Incoming(Incoming::SubAck(ack)) => {
+                self.metrics.uplink_connected.set(1);
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|code| matches!(code, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    tracing::error!(endpoint = %self.endpoint, filter = %self.settings.down_topic.filter(), "the cloud broker refused the gateway's subscription to its commands; messages are still forwarded, but no command can reach the devices (check the broker's ACL)");
+                }
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 if let Some(f) = flight.as_mut() {
