@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt as _, StreamExt};
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
@@ -266,6 +266,11 @@ impl Session {
                 }
                 Some((pkid, qos, stored)) = self.pending.next(), if !self.pending.is_empty() => {
                     self.settle(conn, pkid, qos, stored);
+                    // One group commit makes many records durable at once: take every
+                    // outcome that is ready, so their PUBACKs leave in one write.
+                    while let Some(Some((pkid, qos, stored))) = self.pending.next().now_or_never() {
+                        self.settle(conn, pkid, qos, stored);
+                    }
                 }
                 read = conn.reader.read_buf(&mut conn.inbuf), if can_read => {
                     if !matches!(read, Ok(n) if n > 0) {
