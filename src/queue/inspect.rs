@@ -22,9 +22,10 @@ use serde::Serialize;
 
 use std::sync::atomic::Ordering;
 
+use super::marker;
 use super::rebuild::{rebuild_path, replaced_path};
 use super::record::{self, RecordError};
-use super::store::{Store, clean_marker_path, copy_dir};
+use super::store::{Store, copy_dir, damaged_copies};
 use super::{QueueConfig, QueueCounters};
 use crate::cli::ExitStatus;
 use crate::clock::now_ms;
@@ -224,7 +225,7 @@ fn read_queue(path: &Path, report: &mut Report) -> Result<(), String> {
             },
         )?;
         copy_dir(path, &copy).map_err(|e| format!("cannot copy the queue: {e}"))?;
-        for sibling in [rebuild_path, clean_marker_path] {
+        for sibling in [rebuild_path, marker::path_of] {
             if sibling(path).is_file() {
                 fs::copy(sibling(path), sibling(&copy))
                     .map_err(|e| format!("cannot copy {}: {e}", sibling(path).display()))?;
@@ -343,22 +344,13 @@ fn damaged(key: &[u8], value: &[u8], err: RecordError) -> DamagedRecord {
 
 /// Databases moved aside next to `path` (`queue.damaged-<unix time>`).
 fn set_aside(path: &Path) -> Vec<SetAside> {
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return Vec::new();
-    };
-    let prefix = format!("{}.damaged-", name.to_string_lossy());
-    let mut found: Vec<SetAside> = fs::read_dir(parent)
+    damaged_copies(path)
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| SetAside {
-            path: e.path().display().to_string(),
-            size_on_disk: dir_size(&e.path()),
+        .map(|copy| SetAside {
+            size_on_disk: dir_size(&copy),
+            path: copy.display().to_string(),
         })
-        .collect();
-    found.sort_by(|a, b| a.path.cmp(&b.path));
-    found
+        .collect()
 }
 
 fn dir_size(path: &Path) -> u64 {

@@ -27,7 +27,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
+use super::QueueConfig;
 use super::record::{self, RecordId};
+use super::store::{sibling, sync_parent};
 
 /// Up to this many records the marker lists every id; above, per-device ranges.
 pub(super) const EXACT_LIMIT: u64 = 200_000;
@@ -84,17 +86,17 @@ pub(super) struct CleanMarker {
 }
 
 impl CleanMarker {
-    /// Reads the ids of every record (or each device's first and last) from a closed
-    /// queue's `records` tree, and the fingerprint of `dir`.
+    /// Reads the ids of every record (or each device's first and last) from a stopped
+    /// queue's `records` tree. The fingerprint is left empty: it is taken once sled is
+    /// closed ([`fingerprint`]).
     ///
     /// # Errors
-    /// sled's error or the directory walk's.
+    /// sled's error.
     pub(super) fn take_stock(
         records: &sled::Tree,
         quarantined: u64,
         devices: &[(String, u64)],
         total: u64,
-        dir: &Path,
     ) -> io::Result<Self> {
         let mut by_device = BTreeMap::new();
         if total <= EXACT_LIMIT {
@@ -131,7 +133,7 @@ impl CleanMarker {
             records: records_total,
             quarantined,
             devices: by_device,
-            files: fingerprint(dir)?,
+            files: Fingerprint::new(),
         })
     }
 
@@ -247,6 +249,39 @@ impl CleanMarker {
             ..Self::default()
         })
     }
+}
+
+/// The file a clean stop writes, next to the queue (`queue.clean`).
+pub(crate) fn path_of(queue: &Path) -> PathBuf {
+    sibling(queue, "clean")
+}
+
+/// Writes the marker (synced with its directory); false if it could not be written.
+pub(super) fn write(config: &QueueConfig, marker: &CleanMarker) -> bool {
+    let path = path_of(&config.path);
+    let written = fs::write(&path, marker.encode())
+        .and_then(|()| fs::File::open(&path)?.sync_all())
+        .and_then(|()| sync_parent(&path));
+    written.is_ok()
+}
+
+/// Deletes the marker (the queue changed after it was written).
+pub(super) fn withdraw(config: &QueueConfig) {
+    let _ = fs::remove_file(path_of(&config.path));
+}
+
+/// Reads and deletes the marker. Deleted before the database is touched, so a crash
+/// later never leaves a stale one.
+pub(super) fn take(config: &QueueConfig) -> Option<CleanMarker> {
+    let path = path_of(&config.path);
+    let text = fs::read_to_string(&path).ok()?;
+    fs::remove_file(&path).ok()?;
+    let _ = sync_parent(&path);
+    let marker = CleanMarker::decode(&text);
+    if marker.is_none() {
+        tracing::warn!(path = %path.display(), "the queue's clean-stop marker is damaged; ignored (nothing can be compared at this start)");
+    }
+    marker
 }
 
 /// Length and modification time of every file under `dir`, by path relative to it.

@@ -522,7 +522,7 @@ impl Queue {
         let flush = acks.len() >= UNFLUSHED_ACKS_FLUSH;
         drop(acks);
         if inner.marker_written.swap(false, Ordering::AcqRel) {
-            store::withdraw_clean_marker(&inner.config);
+            marker::withdraw(&inner.config);
         }
         if flush {
             inner.want(WANT_FLUSH);
@@ -618,7 +618,6 @@ impl Queue {
                 store.quarantine.len() as u64,
                 &devices,
                 total,
-                &config.path,
             );
             // sled writes its last bytes when its last handle goes.
             let closed = close_store(store);
@@ -627,7 +626,7 @@ impl Queue {
                 if !closed {
                     tracing::debug!("the queue's database was still in use at the stop");
                 }
-                Ok(store::write_clean_marker(&config, &marker))
+                Ok(marker::write(&config, &marker))
             })
         })
         .await;

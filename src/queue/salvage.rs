@@ -12,7 +12,7 @@
 //! found there may belong to a record the cloud acknowledged long ago; the caller
 //! restores only what the clean-stop marker says was still queued.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use super::ledger::Ledger;
 use super::marker::{CleanMarker, DeviceIds, files_under};
 use super::record::{self, FRAME_TAG, FrameError, RecordId};
-use super::store::{Store, copy_dir, damaged_aside_path};
+use super::store::{Store, copy_dir, damaged_aside_path, damaged_copies};
 use super::{QueueConfig, QueueCounters};
 
 /// How an open compares the queue with what the last clean stop left, and gets back
@@ -30,7 +30,7 @@ pub(super) struct SalvagePlan {
     /// What the last clean stop left.
     pub(super) marker: CleanMarker,
     /// Copies of damaged databases that existed before this open (not searched again).
-    before: HashSet<PathBuf>,
+    before: BTreeSet<PathBuf>,
     /// The copy made because the files changed while stopped.
     copy: Option<PathBuf>,
 }
@@ -156,24 +156,6 @@ impl SalvagePlan {
         }
         expected.saturating_sub(found + quarantined)
     }
-}
-
-/// The copies of damaged databases next to the queue (`queue.damaged-*`).
-fn damaged_copies(path: &Path) -> HashSet<PathBuf> {
-    let prefix = format!(
-        "{}.damaged-",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    );
-    let Some(parent) = path.parent() else {
-        return HashSet::new();
-    };
-    fs::read_dir(parent)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path())
-        .collect()
 }
 
 /// Bytes read at a time.

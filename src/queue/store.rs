@@ -17,6 +17,7 @@
 //!   record id is `id_base + generate_id()`, and on open the base is raised if a stored
 //!   record already has an id at or above the next one.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use super::durable::DurableFiles;
 use super::ledger::Ledger;
-use super::marker::CleanMarker;
+use super::marker;
 use super::rebuild::{finish_interrupted_rebuild, keep_readable, rebuild_path};
 use super::record::{self, RecordId};
 use super::salvage::SalvagePlan;
@@ -61,7 +62,7 @@ impl Store {
             path: config.path.clone(),
             source,
         })?;
-        let marker = take_clean_marker(config);
+        let marker = marker::take(config);
         let plan = marker.map(|marker| SalvagePlan::prepare(config, marker, counters));
         let (store, ledger) = Self::open_recovered(config, counters, plan.as_ref())?;
         if let Some(plan) = &plan {
@@ -370,6 +371,21 @@ pub(super) fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// The copies of damaged databases kept next to the queue (`queue.damaged-*`).
+pub(crate) fn damaged_copies(path: &Path) -> BTreeSet<PathBuf> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return BTreeSet::new();
+    };
+    let prefix = format!("{}.damaged-", name.to_string_lossy());
+    fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
 /// A new name for a damaged database kept for inspection: `queue.damaged-<unix
 /// time>`, with `-2`, `-3`, ... if that exists already.
 pub(super) fn damaged_aside_path(path: &Path) -> PathBuf {
@@ -381,39 +397,6 @@ pub(super) fn damaged_aside_path(path: &Path) -> PathBuf {
         n += 1;
     }
     candidate
-}
-
-/// The file a clean stop writes: how many records (intact, quarantined) it left.
-pub(crate) fn clean_marker_path(path: &Path) -> PathBuf {
-    sibling(path, "clean")
-}
-
-/// Writes the clean-stop marker (synced); false if it could not be written.
-pub(super) fn write_clean_marker(config: &QueueConfig, marker: &CleanMarker) -> bool {
-    let path = clean_marker_path(&config.path);
-    let written = fs::write(&path, marker.encode())
-        .and_then(|()| fs::File::open(&path)?.sync_all())
-        .and_then(|()| sync_parent(&path));
-    written.is_ok()
-}
-
-/// Deletes the clean-stop marker (the queue changed after it was written).
-pub(super) fn withdraw_clean_marker(config: &QueueConfig) {
-    let _ = fs::remove_file(clean_marker_path(&config.path));
-}
-
-/// Reads and deletes the clean-stop marker. Deleted before the database is touched,
-/// so a crash later never leaves a stale one.
-fn take_clean_marker(config: &QueueConfig) -> Option<CleanMarker> {
-    let path = clean_marker_path(&config.path);
-    let text = fs::read_to_string(&path).ok()?;
-    fs::remove_file(&path).ok()?;
-    let _ = sync_parent(&path);
-    let marker = CleanMarker::decode(&text);
-    if marker.is_none() {
-        tracing::warn!(path = %path.display(), "the queue's clean-stop marker is damaged; ignored (nothing can be compared at this start)");
-    }
-    marker
 }
 
 /// The file holding the queue's emergency reserve of disk space.
