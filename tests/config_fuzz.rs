@@ -12,6 +12,8 @@
 //! diagnostics came out. Cases per target: `BLINDGATE_FUZZ_CASES` (default 1500; set
 //! it to e.g. 200000 for a soak run); seed: `BLINDGATE_FUZZ_SEED` (printed).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -31,27 +33,12 @@ fn installed_config() -> String {
 
 /// Cases per target: `BLINDGATE_FUZZ_CASES`, else `default`.
 fn cases(default: u32) -> u32 {
-    std::env::var("BLINDGATE_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// `BLINDGATE_FUZZ_SEED`, else one from the clock (printed, so a failure replays).
-fn seed() -> u64 {
-    std::env::var("BLINDGATE_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
+    common::env_number("BLINDGATE_FUZZ_CASES").unwrap_or(default)
 }
 
 /// A runner with `cases` cases, a printed seed and no regression files in the tree.
 fn runner(target: &str, cases: u32) -> TestRunner {
-    let seed = seed();
+    let seed = common::seed_from_env("BLINDGATE_FUZZ_SEED");
     eprintln!("{target}: seed {seed} (replay with BLINDGATE_FUZZ_SEED={seed})");
     TestRunner::new(Config {
         cases,

@@ -153,3 +153,18 @@ pub async fn wait_uplink_connected(gateway: &blindgate::gateway::Gateway) {
     .await
     .expect("uplink connected");
 }
+
+/// The number in environment variable `var`, if it is set and parses.
+pub fn env_number<T: std::str::FromStr>(var: &str) -> Option<T> {
+    std::env::var(var).ok().and_then(|v| v.parse().ok())
+}
+
+/// A seed for a randomised test: `var` if set, else one from the clock. The caller
+/// prints it, so a failing run can be replayed.
+pub fn seed_from_env(var: &str) -> u64 {
+    env_number(var).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    })
+}

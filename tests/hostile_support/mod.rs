@@ -68,10 +68,7 @@ impl Rng {
 
 /// Cases per fuzz target: `BLINDGATE_FUZZ_CASES`, else `default`.
 pub(crate) fn fuzz_cases(default: usize) -> usize {
-    std::env::var("BLINDGATE_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    common::env_number("BLINDGATE_FUZZ_CASES").unwrap_or(default)
 }
 
 /// True in a soak run (`BLINDGATE_FUZZ_CASES` set).
@@ -81,14 +78,7 @@ pub(crate) fn soak() -> bool {
 
 /// `BLINDGATE_FUZZ_SEED`, else one from the clock; printed so a run can be replayed.
 pub(crate) fn fuzz_rng(target: &str) -> Rng {
-    let seed = std::env::var("BLINDGATE_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
+    let seed = common::seed_from_env("BLINDGATE_FUZZ_SEED");
     eprintln!("{target}: seed {seed} (replay with BLINDGATE_FUZZ_SEED={seed})");
     Rng(seed)
 }

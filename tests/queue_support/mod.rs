@@ -97,14 +97,7 @@ impl Rng {
 
 /// The seed for this run: `BLINDGATE_TEST_SEED` if set, else from the clock.
 pub fn seed() -> u64 {
-    std::env::var("BLINDGATE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
+    crate::common::seed_from_env("BLINDGATE_TEST_SEED")
 }
 
 /// Settings of the `[queue]` section.
