@@ -65,6 +65,7 @@ mod marker;
 mod rebuild;
 pub mod record;
 mod salvage;
+pub mod segments;
 mod store;
 mod writer;
 

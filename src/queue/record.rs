@@ -113,24 +113,33 @@ fn checksum_v1(key: &[u8], arrival: &[u8; 8], payload: &[u8]) -> u32 {
 /// Encodes a record's value (version 2) for `key`.
 pub fn encode_value(key: &[u8], arrival_ms: u64, payload: &[u8]) -> Vec<u8> {
     let mut value = Vec::with_capacity(FRAME_OVERHEAD + key.len() + payload.len());
-    value.extend_from_slice(&FRAME_TAG);
-    value.extend_from_slice(&[0; 4]);
+    encode_frame_into(&mut value, key, arrival_ms, payload);
+    value
+}
+
+/// Appends the version 2 frame of a record to `out` (the segment log writes many
+/// frames into one buffer) and returns the frame's length.
+pub fn encode_frame_into(out: &mut Vec<u8>, key: &[u8], arrival_ms: u64, payload: &[u8]) -> usize {
+    let start = out.len();
+    out.reserve(FRAME_OVERHEAD + key.len() + payload.len());
+    out.extend_from_slice(&FRAME_TAG);
+    out.extend_from_slice(&[0; 4]);
     // Keys are at most 1 + 64 + 8 bytes (device ids are checked at ingress).
-    value.push(u8::try_from(key.len()).unwrap_or(u8::MAX));
-    value.extend_from_slice(key);
-    value.extend_from_slice(&arrival_ms.to_be_bytes());
+    out.push(u8::try_from(key.len()).unwrap_or(u8::MAX));
+    out.extend_from_slice(key);
+    out.extend_from_slice(&arrival_ms.to_be_bytes());
     // Payloads are far below 4 GiB (the gateway's limit is a few MiB).
-    value.extend_from_slice(
+    out.extend_from_slice(
         &u32::try_from(payload.len())
             .unwrap_or(u32::MAX)
             .to_be_bytes(),
     );
-    value.extend_from_slice(payload);
-    let crc = crc32fast::hash(value.get(8..).unwrap_or_default());
-    if let Some(field) = value.get_mut(4..8) {
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(out.get(start + 8..).unwrap_or_default());
+    if let Some(field) = out.get_mut(start + 4..start + 8) {
         field.copy_from_slice(&crc.to_be_bytes());
     }
-    value
+    out.len() - start
 }
 
 /// A version 2 frame read from raw bytes: its key, arrival time and payload.

@@ -1,0 +1,355 @@
+//! The segment log: the queue's records as frames appended to files, synced once per
+//! group commit, and deleted a whole file at a time once every record in it is gone.
+//!
+//! Why not a record per key in sled: a store-and-forward queue writes every record once
+//! and deletes it soon after, in the order it came. sled 0.34 stores values inside its
+//! B-tree leaves and rewrites a whole leaf every few changes, so each record was written
+//! many times over (13 bytes to disk per payload byte at 256 B), and every insert and
+//! removal copied a leaf in memory. Here a record is written once, with a 40-byte frame
+//! around it, and removing it costs no write at all: the log only counts the records
+//! each segment still holds, and removes the file when that count reaches zero.
+//!
+//! - [`SegmentLog::append`] writes a batch of frames with one `pwrite` at the end of the
+//!   active segment and one `fdatasync`; when it returns `Ok`, the frames survive a
+//!   crash and a power cut. A failed append (a full disk) changes nothing that a later
+//!   append can see: the next one writes at the same offset again.
+//! - The active segment is closed for writing once it holds `segment_size` bytes; a new
+//!   one is created (with a synced header and directory entry) for the next batch.
+//! - [`SegmentLog::open`] reads every segment front to back (`scan`), hands each valid
+//!   frame to the caller, which says whether the record is still queued, and reports
+//!   damaged ranges. It never writes into an old segment: appends go to a new one.
+//! - [`SegmentLog::read`] reads one frame back with `pread` and checks its CRC again.
+//! - [`SegmentLog::release`] forgets one record; a closed segment with no records left
+//!   is deleted.
+//!
+//! The log knows nothing of devices or acknowledgements; the queue keeps those.
+
+mod file;
+mod scan;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+
+use super::record::{self, Frame};
+
+use file::HEADER_LEN;
+
+/// The default size at which a segment is closed and the next one started.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 8 << 20;
+
+/// Where a frame is: its segment, its offset in it and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Location {
+    /// The segment's number.
+    pub segment: u32,
+    /// Byte offset of the frame's tag in the segment.
+    pub offset: u32,
+    /// The frame's whole length.
+    pub len: u32,
+}
+
+/// One record to append.
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    /// The record's key (`record::encode_key`).
+    pub key: &'a [u8],
+    /// When the gateway received it, in ms since the epoch.
+    pub arrival_ms: u64,
+    /// The envelope.
+    pub payload: &'a [u8],
+}
+
+/// A frame read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFrame {
+    /// The record's key.
+    pub key: Vec<u8>,
+    /// When the gateway received it.
+    pub arrival_ms: u64,
+    /// The envelope, sharing the buffer the frame was read into.
+    pub payload: Bytes,
+}
+
+/// What [`SegmentLog::open`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Valid frames read.
+    pub frames: u64,
+    /// Frames the caller kept.
+    pub kept: u64,
+    /// Damaged ranges `(segment, offset, len)`, torn tails included.
+    pub damaged: Vec<(u32, u64, u64)>,
+    /// Segments deleted because none of their frames was kept.
+    pub deleted: u64,
+}
+
+/// One segment the log knows.
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    /// Records appended or kept at open and not yet released.
+    live: u64,
+    /// Bytes in the file.
+    len: u64,
+}
+
+/// The segment appends go to.
+#[derive(Debug)]
+struct Active {
+    number: u32,
+    file: Arc<File>,
+    /// Where the next frame goes.
+    len: u64,
+    /// Frames are encoded here, then written with one call.
+    buffer: Vec<u8>,
+}
+
+/// The append-only segment files of one queue directory.
+#[derive(Debug)]
+pub struct SegmentLog {
+    dir: PathBuf,
+    segment_size: u64,
+    /// Held by the one appender (also during its `fdatasync`); nobody else takes it.
+    active: Mutex<Active>,
+    /// The active segment's number; changed and read with `segments` locked.
+    active_number: AtomicU32,
+    segments: Mutex<BTreeMap<u32, Segment>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn too_large(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what} too large for a segment"),
+    )
+}
+
+impl SegmentLog {
+    /// Opens (creating if needed) the log in `dir`. Calls `keep(location, frame)` for
+    /// every valid frame in order; it returns whether the record is still queued. Then
+    /// deletes segments with nothing kept and starts a new active segment.
+    ///
+    /// # Errors
+    /// The OS error of reading the directory or a segment, or of creating the new one.
+    pub fn open(
+        dir: &Path,
+        segment_size: u64,
+        mut keep: impl FnMut(Location, &Frame<'_>) -> bool,
+    ) -> io::Result<(Self, OpenReport)> {
+        std::fs::create_dir_all(dir)?;
+        let mut report = OpenReport::default();
+        let mut segments = BTreeMap::new();
+        let mut last = 0;
+        for (number, path) in file::list(dir)? {
+            last = number;
+            let file = File::open(&path)?;
+            let len = file.metadata()?.len();
+            let mut live = 0;
+            let outcome = scan::scan(&file, HEADER_LEN.min(len), len, |offset, frame| {
+                report.frames += 1;
+                let at = Location {
+                    segment: number,
+                    offset: u32::try_from(offset).unwrap_or(u32::MAX),
+                    len: u32::try_from(frame.len).unwrap_or(u32::MAX),
+                };
+                if keep(at, frame) {
+                    live += 1;
+                }
+            })?;
+            report.damaged.extend(
+                outcome
+                    .damaged
+                    .into_iter()
+                    .map(|(offset, len)| (number, offset, len)),
+            );
+            if live == 0 {
+                std::fs::remove_file(&path)?;
+                report.deleted += 1;
+                continue;
+            }
+            report.kept += live;
+            let file = Arc::new(file);
+            segments.insert(number, Segment { file, live, len });
+        }
+        if report.deleted > 0 {
+            file::sync_dir(dir)?;
+        }
+        let number = last
+            .checked_add(1)
+            .ok_or_else(|| too_large("segment number"))?;
+        let active = Arc::new(file::create(dir, number)?);
+        segments.insert(
+            number,
+            Segment {
+                file: Arc::clone(&active),
+                live: 0,
+                len: HEADER_LEN,
+            },
+        );
+        let log = Self {
+            dir: dir.to_owned(),
+            segment_size,
+            active_number: AtomicU32::new(number),
+            active: Mutex::new(Active {
+                number,
+                file: active,
+                len: HEADER_LEN,
+                buffer: Vec::new(),
+            }),
+            segments: Mutex::new(segments),
+        };
+        Ok((log, report))
+    }
+
+    /// Appends `frames` and makes them durable (`fdatasync`). The locations are in the
+    /// order of `frames`.
+    ///
+    /// # Errors
+    /// The OS error (a full disk, an I/O error). Nothing is counted as stored then; the
+    /// next append overwrites whatever part of this one reached the file.
+    pub fn append(&self, frames: &[Append<'_>]) -> io::Result<Vec<Location>> {
+        let mut active = lock(&self.active);
+        let active = &mut *active;
+        active.buffer.clear();
+        let mut lens = Vec::with_capacity(frames.len());
+        for frame in frames {
+            lens.push(record::encode_frame_into(
+                &mut active.buffer,
+                frame.key,
+                frame.arrival_ms,
+                frame.payload,
+            ));
+        }
+        let batch_len = active.buffer.len() as u64;
+        if active.len > HEADER_LEN && active.len + batch_len > self.segment_size {
+            self.start_segment(active)?;
+        }
+        if active.len + batch_len > u64::from(u32::MAX) {
+            return Err(too_large("batch"));
+        }
+        active.file.write_all_at(&active.buffer, active.len)?;
+        active.file.sync_data()?;
+        let mut offset = active.len;
+        let mut locations = Vec::with_capacity(lens.len());
+        for len in lens {
+            locations.push(Location {
+                segment: active.number,
+                offset: u32::try_from(offset).unwrap_or(u32::MAX),
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+            });
+            offset += len as u64;
+        }
+        active.len = offset;
+        let mut segments = lock(&self.segments);
+        if let Some(segment) = segments.get_mut(&active.number) {
+            segment.live += locations.len() as u64;
+            segment.len = offset;
+        }
+        Ok(locations)
+    }
+
+    /// Closes the active segment for writing and creates the next one.
+    fn start_segment(&self, active: &mut Active) -> io::Result<()> {
+        let number = active
+            .number
+            .checked_add(1)
+            .ok_or_else(|| too_large("segment number"))?;
+        let file = Arc::new(file::create(&self.dir, number)?);
+        let closed = active.number;
+        *active = Active {
+            number,
+            file: Arc::clone(&file),
+            len: HEADER_LEN,
+            buffer: std::mem::take(&mut active.buffer),
+        };
+        let mut segments = lock(&self.segments);
+        segments.insert(
+            number,
+            Segment {
+                file,
+                live: 0,
+                len: HEADER_LEN,
+            },
+        );
+        self.active_number.store(number, Ordering::Relaxed);
+        if segments.get(&closed).is_some_and(|s| s.live == 0) {
+            segments.remove(&closed);
+            drop(segments);
+            self.delete(closed);
+        }
+        Ok(())
+    }
+
+    /// Reads the frame at `at` and checks it.
+    ///
+    /// # Errors
+    /// `NotFound` if its segment is gone, `InvalidData` if the frame is damaged, or the
+    /// OS error of the read.
+    pub fn read(&self, at: Location) -> io::Result<StoredFrame> {
+        let file = lock(&self.segments)
+            .get(&at.segment)
+            .map(|segment| Arc::clone(&segment.file))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "segment deleted"))?;
+        let mut bytes = vec![0; at.len as usize];
+        file.read_exact_at(&mut bytes, u64::from(at.offset))?;
+        let frame = record::read_frame(&bytes)
+            .ok()
+            .filter(|frame| frame.len == bytes.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "damaged frame"))?;
+        let key = frame.key.to_vec();
+        let arrival_ms = frame.arrival_ms;
+        let start = bytes.len() - frame.payload.len();
+        Ok(StoredFrame {
+            key,
+            arrival_ms,
+            payload: Bytes::from(bytes).slice(start..),
+        })
+    }
+
+    /// Forgets the record at `at`. A segment that is no longer written to and holds no
+    /// record any more is deleted.
+    pub fn release(&self, at: Location) {
+        let mut segments = lock(&self.segments);
+        let active = self.active_number.load(Ordering::Relaxed);
+        let Some(segment) = segments.get_mut(&at.segment) else {
+            return;
+        };
+        segment.live = segment.live.saturating_sub(1);
+        if segment.live == 0 && at.segment != active {
+            segments.remove(&at.segment);
+            drop(segments);
+            self.delete(at.segment);
+        }
+    }
+
+    /// Removes a segment's file. A failure leaves a file the next open deletes (none of
+    /// its records is still queued), so it is logged, not returned.
+    fn delete(&self, number: u32) {
+        if let Err(err) = std::fs::remove_file(self.dir.join(file::name(number))) {
+            tracing::warn!(error = %err, segment = number, "could not delete an emptied queue segment");
+        }
+    }
+
+    /// Bytes in the log's files.
+    pub fn disk_bytes(&self) -> u64 {
+        lock(&self.segments).values().map(|s| s.len).sum()
+    }
+
+    /// Segment files the log has open.
+    pub fn segment_count(&self) -> usize {
+        lock(&self.segments).len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

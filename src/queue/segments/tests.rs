@@ -1,0 +1,192 @@
+//! Tests of the segment log on real files.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::{Append, HEADER_LEN, Location, OpenReport, SegmentLog, file};
+use crate::queue::record::{RecordId, decode_key, encode_key};
+
+fn key(id: u64) -> Vec<u8> {
+    encode_key("sensor-1", RecordId(id))
+}
+
+fn payload(id: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (id as usize + i) as u8).collect()
+}
+
+/// Appends records `ids` in batches of `batch`, each payload `len` bytes.
+fn append(log: &SegmentLog, ids: std::ops::Range<u64>, len: usize, batch: usize) -> Vec<Location> {
+    let ids: Vec<u64> = ids.collect();
+    let mut locations = Vec::new();
+    for chunk in ids.chunks(batch) {
+        let keys: Vec<Vec<u8>> = chunk.iter().map(|&id| key(id)).collect();
+        let payloads: Vec<Vec<u8>> = chunk.iter().map(|&id| payload(id, len)).collect();
+        let frames: Vec<Append<'_>> = keys
+            .iter()
+            .zip(&payloads)
+            .zip(chunk)
+            .map(|((key, payload), &id)| Append {
+                key,
+                arrival_ms: id,
+                payload,
+            })
+            .collect();
+        locations.extend(log.append(&frames).expect("append"));
+    }
+    locations
+}
+
+/// Opens `dir`, keeping the records whose id `keep` accepts; returns the kept ids.
+fn reopen(dir: &Path, keep: impl Fn(u64) -> bool) -> (SegmentLog, Vec<u64>, OpenReport) {
+    let mut kept = Vec::new();
+    let (log, report) = SegmentLog::open(dir, 64 << 10, |_, frame| {
+        let (_, id) = decode_key(frame.key).expect("key");
+        let keep = keep(id.0);
+        if keep {
+            kept.push(id.0);
+        }
+        keep
+    })
+    .expect("open");
+    (log, kept, report)
+}
+
+#[test]
+fn appended_records_read_back_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let locations = append(&log, 0..1000, 300, 37);
+    for (id, at) in (0..1000).zip(&locations) {
+        let frame = log.read(*at).expect("read");
+        assert_eq!(frame.key, key(id));
+        assert_eq!(frame.arrival_ms, id);
+        assert_eq!(frame.payload.as_ref(), payload(id, 300).as_slice());
+    }
+    assert!(
+        log.segment_count() > 3,
+        "64 KiB segments: {}",
+        log.segment_count()
+    );
+    drop(log);
+    let (log, kept, report) = reopen(dir.path(), |_| true);
+    assert_eq!(kept, (0..1000).collect::<Vec<_>>());
+    assert_eq!(report.frames, 1000);
+    assert!(report.damaged.is_empty());
+    // Appends after a reopen go to a new segment; the old ones are only read.
+    let more = append(&log, 1000..1010, 300, 10);
+    assert!(more[0].segment > locations[999].segment);
+}
+
+#[test]
+fn a_segment_is_deleted_when_its_last_record_is_released() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let locations = append(&log, 0..2000, 300, 50);
+    let files = || file::list(dir.path()).expect("list").len();
+    let before = files();
+    let first = locations[0].segment;
+    let in_first: Vec<Location> = locations
+        .iter()
+        .copied()
+        .filter(|at| at.segment == first)
+        .collect();
+    for at in &in_first[1..] {
+        log.release(*at);
+    }
+    assert_eq!(files(), before, "one record still holds the segment");
+    log.release(in_first[0]);
+    assert_eq!(files(), before - 1);
+    assert!(log.read(in_first[0]).is_err());
+    for at in &locations {
+        log.release(*at);
+    }
+    assert_eq!(files(), 1, "only the active segment is left");
+    assert_eq!(log.disk_bytes(), log_len(&log));
+}
+
+fn log_len(log: &SegmentLog) -> u64 {
+    super::lock(&log.active).len
+}
+
+#[test]
+fn released_records_do_not_come_back_and_empty_segments_go_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    append(&log, 0..1000, 300, 25);
+    drop(log);
+    let (log, kept, report) = reopen(dir.path(), |id| id >= 600);
+    assert_eq!(kept, (600..1000).collect::<Vec<_>>());
+    assert!(report.deleted > 0);
+    drop(log);
+    let (_, _, report) = reopen(dir.path(), |id| id >= 600);
+    assert!(report.frames < 1000, "deleted segments are not read again");
+}
+
+#[test]
+fn a_torn_batch_at_the_end_loses_only_that_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let locations = append(&log, 0..100, 300, 10);
+    drop(log);
+    // A crash in the middle of the next batch's write: part of a frame at the end.
+    let last = locations[99];
+    let path = dir.path().join(file::name(last.segment));
+    let mut bytes = std::fs::read(&path).expect("read");
+    let torn = crate::queue::record::encode_value(&key(100), 100, &payload(100, 300));
+    bytes.extend_from_slice(&torn[..150]);
+    std::fs::write(&path, &bytes).expect("write");
+    let (_, kept, report) = reopen(dir.path(), |_| true);
+    assert_eq!(kept.len(), 100);
+    let end = u64::from(last.offset) + u64::from(last.len);
+    assert_eq!(report.damaged, [(last.segment, end, 150)]);
+}
+
+#[test]
+fn a_flipped_bit_costs_one_record_and_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let locations = append(&log, 0..300, 300, 30);
+    let hit = locations[123];
+    drop(log);
+    let path = dir.path().join(file::name(hit.segment));
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[hit.offset as usize + 60] ^= 0x04;
+    std::fs::write(&path, &bytes).expect("write");
+    let (log, kept, report) = reopen(dir.path(), |_| true);
+    let kept: HashSet<u64> = kept.into_iter().collect();
+    assert_eq!(kept.len(), 299);
+    assert!(!kept.contains(&123));
+    assert_eq!(
+        report.damaged,
+        [(hit.segment, u64::from(hit.offset), u64::from(hit.len))]
+    );
+    assert_eq!(
+        log.read(hit).map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::InvalidData),
+        "a damaged frame is never handed out"
+    );
+}
+
+#[test]
+fn a_batch_larger_than_a_segment_gets_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let small = append(&log, 0..1, 100, 1);
+    let big = append(&log, 1..11, 16 << 10, 10);
+    assert!(big.iter().all(|at| at.segment == small[0].segment + 1));
+    assert_eq!(u64::from(big[0].offset), HEADER_LEN);
+    assert_eq!(log.read(big[9]).expect("read").payload.len(), 16 << 10);
+}
+
+#[test]
+fn segment_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let at = append(&log, 0..1, 10, 1)[0];
+    let mode = std::fs::metadata(dir.path().join(file::name(at.segment)))
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
