@@ -29,12 +29,15 @@
 //! target/release/blindgate-queue-bench --dir /var/tmp --size 16384 --records 20000
 //! ```
 //!
-//! Modules: [`store`] (the [`store::Store`] trait and its sled implementation; another
-//! backend is one more implementation and one more `--store` value), [`workload`] (the
-//! runs), [`sys`] (`/proc` and the disk), [`report`] (the table and JSON).
+//! `--store log` runs the same workload against [`log_store`], a prototype of the queue
+//! on the segment log (`docs/queue-log.md`).
+//!
+//! Modules: [`store`] (the [`store::Store`] trait and its sled implementation),
+//! [`log_store`] (the segment-log prototype), [`workload`] (the runs), [`sys`] (`/proc` and the disk), [`report`] (the table and JSON).
 
 #![forbid(unsafe_code)]
 
+mod log_store;
 mod report;
 mod store;
 mod sys;
@@ -45,6 +48,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
+use crate::log_store::LogQueue;
 use crate::report::{Figures, RunInfo};
 use crate::store::{SledQueue, Store};
 
@@ -53,6 +57,8 @@ use crate::store::{SledQueue, Store};
 enum Backend {
     /// `blindgate::queue::Queue` (sled, group commit, fdatasync).
     Sled,
+    /// The prototype of the queue on the segment log (`log_store`).
+    Log,
 }
 
 #[derive(Debug, Parser)]
@@ -138,6 +144,7 @@ async fn main() -> Result<()> {
     let cap = (args.records as u64 * (args.size as u64 + 256)).saturating_mul(4) + (64 << 20);
     let figures = match args.store {
         Backend::Sled => run(&args, &root, |dir| SledQueue::open(dir, cap)).await?,
+        Backend::Log => run(&args, &root, LogQueue::open).await?,
     };
     print!("{}", report::render(&info, &figures));
     if let Some(path) = &args.json {
