@@ -215,8 +215,7 @@ impl UplinkFailures {
 
 /// Label values of `blindgate_queue_storage_events_total`, in the order of the
 /// counters `refresh_queue` reads.
-const QUEUE_STORAGE_EVENTS: [&str; 4] =
-    ["failed_commit", "reopen", "rebuild", "database_moved_aside"];
+const QUEUE_STORAGE_EVENTS: [&str; 2] = ["failed_commit", "database_moved_aside"];
 
 /// The gateway's metrics.
 #[derive(Clone)]
@@ -263,8 +262,8 @@ pub struct Metrics {
     pub queue_storage_events: IntCounterVec,
     /// Records a clean stop left that the next open did not find (damaged files).
     pub queue_lost_at_open: IntCounter,
-    /// Records sled could not recover that were found intact in a damaged copy.
-    pub queue_salvaged: IntCounter,
+    /// Records moved from an earlier release's sled queue into the log.
+    pub queue_migrated: IntCounter,
     /// The queue's byte cap (`queue.max_bytes`).
     pub queue_max_bytes: IntGauge,
     /// Uplink connection attempts that failed, and connections lost, by reason.
@@ -408,9 +407,8 @@ impl Metrics {
             queue_storage_events: counter_vec(
                 "queue_storage_events_total",
                 "Storage trouble the queue handled by itself: failed_commit (retried, no \
-                 PUBACK meanwhile), reopen (after a storage error), rebuild (to give disk \
-                 space back), database_moved_aside (sled could not open it; kept as \
-                 queue.damaged-*).",
+                 PUBACK meanwhile), database_moved_aside (sled could not open the queue's \
+                 state database, or an earlier release's queue; kept next to it).",
                 "event",
                 &QUEUE_STORAGE_EVENTS,
             ),
@@ -419,10 +417,10 @@ impl Metrics {
                 "Records the last clean stop left in the queue that the next open did not \
                  find: lost to damaged files (a lower bound).",
             ),
-            queue_salvaged: counter(
-                "queue_salvaged_total",
-                "Records the last clean stop left that sled could not recover from its \
-                 damaged files, found intact in a copy of them and queued again.",
+            queue_migrated: counter(
+                "queue_migrated_total",
+                "Records moved from an earlier release's sled queue into the segment log \
+                 at start-up.",
             ),
             queue_max_bytes: gauge("queue_max_bytes", "The queue's byte cap (queue.max_bytes)."),
             uplink_connection_failures: UplinkFailures(counter_vec(
@@ -497,13 +495,11 @@ impl Metrics {
             &counters.dropped_queue_bytes,
         );
         catch_up(&self.queue_lost_at_open, &counters.lost_at_open);
-        catch_up(&self.queue_salvaged, &counters.salvaged);
-        for (event, value) in QUEUE_STORAGE_EVENTS.iter().zip([
-            &counters.failed_commits,
-            &counters.reopens,
-            &counters.rebuilds,
-            &counters.databases_moved_aside,
-        ]) {
+        catch_up(&self.queue_migrated, &counters.migrated);
+        for (event, value) in QUEUE_STORAGE_EVENTS
+            .iter()
+            .zip([&counters.failed_commits, &counters.databases_moved_aside])
+        {
             catch_up(
                 &self.queue_storage_events.with_label_values(&[event]),
                 value,

@@ -182,24 +182,68 @@ async fn damaged_records_are_quarantined_and_the_rest_kept() {
         }
         queue.close().await.expect("closes");
     }
-    // Damage one record's value behind the queue's back, as a bad sector would.
-    {
-        let db = sled::open(&path).expect("sled opens");
-        let records = db.open_tree("records").expect("tree");
-        let (key, value) = records.iter().nth(2).expect("third").expect("ok");
-        let mut damaged = value.to_vec();
-        let last = damaged.len() - 1;
-        damaged[last] ^= 0xFF;
-        records.insert(key, damaged).expect("insert");
-        records.insert(b"\x05ab", &b"junk"[..]).expect("insert");
-        db.flush().expect("flush");
+    // Damage one record's payload behind the queue's back, as a bad sector would: the
+    // segment holding the five frames, the third payload (fifty bytes of 2).
+    let segments: Vec<_> = std::fs::read_dir(path.join("log"))
+        .expect("log dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    let mut damaged = 0;
+    for segment in segments {
+        let mut bytes = std::fs::read(&segment).expect("read");
+        if let Some(at) = bytes.windows(50).position(|w| w.iter().all(|&b| b == 2)) {
+            bytes[at + 49] ^= 0xFF;
+            std::fs::write(&segment, &bytes).expect("write");
+            damaged += 1;
+        }
     }
+    assert_eq!(damaged, 1, "the third payload is in one segment");
     let queue = Queue::open(config(&dir)).expect("reopens");
     let records = queue.read_device("d", None, 100).expect("reads");
     let payloads: Vec<u8> = records.iter().map(|r| r.payload[0]).collect();
     assert_eq!(payloads, vec![0, 1, 3, 4]);
-    assert_eq!(queue.counters().quarantined.load(Ordering::Relaxed), 2);
+    assert_eq!(queue.counters().quarantined.load(Ordering::Relaxed), 1);
     let stats = queue.stats();
-    assert_eq!(stats.quarantine_records, 2);
+    assert_eq!(stats.quarantine_records, 1);
     assert_eq!(stats.total.records, 4);
+    // The last stop was clean and left five: the damaged one is counted as lost.
+    assert_eq!(queue.counters().lost_at_open.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_queue_an_earlier_release_kept_in_sled_is_moved_into_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("queue");
+    {
+        let db = sled::open(&path).expect("sled opens");
+        let records = db.open_tree("records").expect("tree");
+        for (device, id) in [("a", 3u64), ("b", 4), ("a", 7)] {
+            let key = blindgate::queue::record::encode_key(device, RecordId(id));
+            let value = blindgate::queue::record::encode_value(&key, 1_000 + id, &[id as u8; 20]);
+            records.insert(key, value).expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    let queue = Queue::open(config(&dir)).expect("opens and migrates");
+    assert_eq!(queue.counters().migrated.load(Ordering::Relaxed), 3);
+    assert!(!path.join("db").exists() && !path.join("conf").exists());
+    let a: Vec<u64> = queue
+        .read_device("a", None, 10)
+        .expect("reads")
+        .iter()
+        .map(|r| r.id.0)
+        .collect();
+    assert_eq!(a, [3, 7]);
+    let b = queue.read_device("b", None, 10).expect("reads");
+    assert_eq!(
+        (b[0].id.0, b[0].arrival_ms, b[0].payload.as_ref()),
+        (4, 1_004, &[4u8; 20][..])
+    );
+    // New ids continue above the migrated ones.
+    let next = queue
+        .enqueue("b", Bytes::from_static(b"new"))
+        .await
+        .expect("stored");
+    assert!(next.0 > 7);
+    queue.close().await.expect("closes");
 }

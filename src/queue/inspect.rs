@@ -1,17 +1,15 @@
 //! `blindgate queue inspect --data-dir DIR [--json]`: what a stopped gateway's queue
 //! holds, per device, and what in it is damaged, quarantined or set aside. Offline and
-//! read-only: it refuses a database a running gateway holds (sled's lock), and works on
-//! a copy, because opening a sled database writes to it. The copy is opened exactly as
-//! a starting gateway opens the queue (sled's recovery, the fallbacks for a damaged
-//! `conf` or snapshot, keeping what can be read of unreadable pages, quarantine), so
-//! the report is what the gateway will forward.
+//! read-only: it refuses a queue a running gateway holds (sled's lock on the state
+//! database), reads the segment log in place without writing, and opens a copy of the
+//! state database (opening sled writes). The report is what a starting gateway will
+//! forward: the same frames, the same acknowledgement floors.
 //!
-//! Exit status: 0 clean; 1 damage found (records failing their checksum, quarantined
-//! records, a database sled cannot open or fully read, databases set aside before, an
-//! interrupted rebuild, read errors); 2 the queue cannot be opened (missing, in use, or
-//! not even recoverable), or bad usage.
+//! Exit status: 0 clean; 1 damage found (damaged frames, records quarantined before,
+//! records the last clean stop left that are missing, databases set aside, read
+//! errors); 2 the queue cannot be opened (missing, in use), or bad usage.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt as _;
@@ -20,13 +18,9 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use std::sync::atomic::Ordering;
-
-use super::marker;
-use super::rebuild::{rebuild_path, replaced_path};
 use super::record::{self, RecordError};
-use super::store::{Store, copy_dir, damaged_copies};
-use super::{QueueConfig, QueueCounters};
+use super::segments;
+use super::state::{self, State};
 use crate::cli::ExitStatus;
 use crate::clock::now_ms;
 
@@ -79,25 +73,20 @@ pub struct Report {
     pub bytes: u64,
     /// Intact records per device, by device id.
     pub devices: Vec<DeviceReport>,
-    /// Records in the queue that fail to decode or their checksum: a starting gateway
-    /// moves them to quarantine (and counts them in `blindgate_queue_quarantined_total`).
+    /// Damaged ranges in the log (each is one or more records): a starting gateway
+    /// quarantines them (and counts them in `blindgate_queue_quarantined_total`).
     pub damaged_total: u64,
-    /// Records that were in quarantine already.
+    /// Ranges or records in quarantine already.
     pub quarantined_total: u64,
-    /// The quarantine after a start: the damaged records and the ones quarantined
-    /// before (at most 100 listed), never forwarded.
+    /// The damaged ranges (at most 100 listed), never forwarded.
     pub quarantine: Vec<DamagedRecord>,
     /// What a starting gateway would have to do beyond sled's normal recovery.
     pub recovery: Vec<String>,
-    /// Records the last clean stop left (`queue.clean`) that cannot be recovered.
+    /// Records the last clean stop left that are not found intact.
     pub lost_since_clean_stop: u64,
-    /// Records sled cannot recover that a starting gateway salvages from the raw bytes.
-    pub salvageable: u64,
     /// Whole databases a gateway set aside because sled could not open them.
     pub set_aside: Vec<SetAside>,
-    /// Directories of an interrupted rebuild (the next start finishes or removes them).
-    pub rebuild_leftovers: Vec<String>,
-    /// Errors sled returned while reading (the rest of that tree was not read).
+    /// Errors while reading.
     pub read_errors: Vec<String>,
 }
 
@@ -137,7 +126,7 @@ pub struct DamagedRecord {
     pub reason: String,
 }
 
-/// A database set aside whole.
+/// A database set aside whole (`state.damaged-*`, `sled.damaged-*`).
 #[derive(Debug, Clone, Serialize)]
 pub struct SetAside {
     /// Its directory.
@@ -183,11 +172,6 @@ pub fn inspect(data_dir: &Path) -> Report {
         ..Report::default()
     };
     report.set_aside = set_aside(&path);
-    report.rebuild_leftovers = [rebuild_path(&path), replaced_path(&path)]
-        .into_iter()
-        .filter(|p| p.exists())
-        .map(|p| p.display().to_string())
-        .collect();
     if let Err(error) = read_queue(&path, &mut report) {
         report.status = "unopenable";
         report.error = Some(error);
@@ -195,27 +179,129 @@ pub fn inspect(data_dir: &Path) -> Report {
     }
     let damaged = report.damaged_total > 0
         || report.quarantined_total > 0
-        || !report.recovery.is_empty()
+        || report.lost_since_clean_stop > 0
         || !report.set_aside.is_empty()
-        || !report.rebuild_leftovers.is_empty()
         || !report.read_errors.is_empty();
     report.status = if damaged { "damaged" } else { "clean" };
     report
 }
 
 fn read_queue(path: &Path, report: &mut Report) -> Result<(), String> {
-    if !path.join("db").is_file() {
-        return Err(format!("no queue database at {}", path.display()));
+    let log = super::open::log_path(path);
+    let legacy = path.join("conf").exists() || path.join("db").exists();
+    if !log.is_dir() && !legacy {
+        return Err(format!("no queue at {}", path.display()));
     }
     report.size_on_disk = dir_size(path);
     let scratch =
         ScratchDir::new().map_err(|e| format!("cannot create a scratch directory: {e}"))?;
-    let copy = scratch.0.join("queue");
+    let mut devices: BTreeMap<String, DeviceReport> = BTreeMap::new();
+    if legacy {
+        read_legacy(path, &scratch.0.join("sled"), report, &mut devices)?;
+    }
+    let (floors, clean_stop) = read_state(path, &scratch.0.join("state"), report)?;
+    if log.is_dir() {
+        let scanned = segments::read_only(&log, |_, frame| {
+            let Ok((device, id)) = record::decode_key(frame.key) else {
+                return false;
+            };
+            if floors.get(device).is_some_and(|floor| floor.covers(id.0)) {
+                return false;
+            }
+            count(
+                &mut devices,
+                device,
+                id.0,
+                frame.arrival_ms,
+                frame.len as u64,
+            );
+            true
+        })
+        .map_err(|e| format!("cannot read the queue's log: {e}"))?;
+        report.damaged_total = scanned.damaged.len() as u64;
+        for damage in scanned.damaged.iter().take(LISTED) {
+            report.quarantine.push(DamagedRecord {
+                device: None,
+                id: None,
+                bytes: damage.len,
+                reason: format!(
+                    "damaged bytes in segment {} at offset {}",
+                    damage.segment, damage.offset
+                ),
+            });
+        }
+        if let Some((segment, offset, bytes)) = scanned.torn_tail {
+            report.recovery.push(format!(
+                "{bytes} bytes at the end of segment {segment} (offset {offset}) are a write a \
+                 crash cut short, never acknowledged to a device: a starting gateway cuts them off"
+            ));
+        }
+        if let Some(left) = clean_stop {
+            report.lost_since_clean_stop = left.saturating_sub(scanned.kept);
+        }
+    }
+    if report.lost_since_clean_stop > 0 {
+        report.recovery.push(format!(
+            "{} records the last clean stop left are not found intact",
+            report.lost_since_clean_stop
+        ));
+    }
+    let now = now_ms();
+    for d in devices.values_mut() {
+        report.records += d.records;
+        report.bytes += d.bytes;
+        d.oldest_age_s = now.saturating_sub(d.oldest_arrival_ms) / 1000;
+        d.newest_age_s = now.saturating_sub(d.newest_arrival_ms) / 1000;
+    }
+    report.devices = devices.into_values().collect();
+    Ok(())
+}
+
+/// Counts one intact record of `device`.
+fn count(
+    devices: &mut BTreeMap<String, DeviceReport>,
+    device: &str,
+    id: u64,
+    arrival_ms: u64,
+    size: u64,
+) {
+    let d = devices.entry(device.to_owned()).or_default();
+    if d.records == 0 {
+        d.device = device.to_owned();
+        d.oldest_id = id;
+        d.newest_id = id;
+        d.oldest_arrival_ms = arrival_ms;
+        d.newest_arrival_ms = arrival_ms;
+    }
+    d.records += 1;
+    d.bytes += size;
+    if id < d.oldest_id {
+        d.oldest_id = id;
+    }
+    if id >= d.newest_id {
+        d.newest_id = id;
+        d.newest_arrival_ms = arrival_ms;
+    }
+    // Arrival times follow the ids, but clocks may jump.
+    d.oldest_arrival_ms = d.oldest_arrival_ms.min(arrival_ms);
+}
+
+/// Reads a copy of the state database: the floors, and how many records the last clean
+/// stop left. Refuses a queue a running gateway holds.
+fn read_state(
+    path: &Path,
+    copy: &Path,
+    report: &mut Report,
+) -> Result<(HashMap<String, super::index::Floor>, Option<u64>), String> {
+    let original = state::path_of(path);
+    if !original.join("db").is_file() {
+        return Ok((HashMap::new(), None));
+    }
     {
         // A shared lock on sled's file while copying: fails if a gateway holds it, and
         // keeps a gateway from starting on it until the copy is complete.
-        let db = fs::File::open(path.join("db"))
-            .map_err(|e| format!("cannot read {}: {e}", path.join("db").display()))?;
+        let db = fs::File::open(original.join("db"))
+            .map_err(|e| format!("cannot read {}: {e}", original.display()))?;
         rustix::fs::flock(&db, rustix::fs::FlockOperation::NonBlockingLockShared).map_err(
             |_| {
                 format!(
@@ -224,56 +310,35 @@ fn read_queue(path: &Path, report: &mut Report) -> Result<(), String> {
                 )
             },
         )?;
-        copy_dir(path, &copy).map_err(|e| format!("cannot copy the queue: {e}"))?;
-        for sibling in [rebuild_path, marker::path_of] {
-            if sibling(path).is_file() {
-                fs::copy(sibling(path), sibling(&copy))
-                    .map_err(|e| format!("cannot copy {}: {e}", sibling(path).display()))?;
-            }
-        }
+        copy_dir(&original, &state::path_of(copy))
+            .map_err(|e| format!("cannot copy the queue's state: {e}"))?;
     }
-    let counters = QueueCounters::default();
-    let mut config = QueueConfig::new(&copy);
-    config.cache_size = 8 << 20;
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Store::open(&config, &counters)
-    }));
-    let store = match opened {
-        Ok(Ok((store, _))) => store,
-        Ok(Err(err)) => {
-            let cause =
-                std::error::Error::source(&err).map_or_else(String::new, |c| format!(": {c}"));
-            return Err(format!("the queue cannot be opened: {err}{cause}"));
-        }
-        Err(_) => return Err("opening the queue panicked".to_owned()),
-    };
-    let lost = counters.lost_at_open.load(Ordering::Relaxed);
-    report.lost_since_clean_stop = lost;
-    let salvaged = counters.salvaged.load(Ordering::Relaxed);
-    report.salvageable = salvaged;
-    if lost > 0 {
-        report.recovery.push(format!(
-            "{lost} records the last clean stop left cannot be recovered: every copy of \
-             their bytes is damaged or gone"
-        ));
-    }
-    if salvaged > 0 {
-        report.recovery.push(format!(
-            "{salvaged} records sled cannot read past damage are intact in the raw files: a \
-             starting gateway salvages them (they are counted below as queued)"
-        ));
-    }
-    if counters.databases_moved_aside.load(Ordering::Relaxed) > 0 {
-        report.recovery.push(
-            "the files changed since the last clean stop, or sled cannot open or fully read \
-             them: a starting gateway keeps a copy aside (queue.damaged-<time>) and keeps \
-             what can be recovered"
-                .to_owned(),
-        );
-    }
-    let now = now_ms();
-    let mut devices: BTreeMap<String, DeviceReport> = BTreeMap::new();
-    for item in store.records.iter() {
+    let state = State::open(copy, 1 << 20)
+        .map_err(|e| format!("the queue's state database cannot be opened: {e}"))?;
+    report.quarantined_total = state.quarantined() as u64;
+    let clean_stop = state.take_clean_stop().map_err(|e| e.to_string())?;
+    Ok((state.floors(), clean_stop))
+}
+
+/// Counts the records of an earlier release's sled queue (a copy of it), which a
+/// starting gateway moves into the log.
+fn read_legacy(
+    path: &Path,
+    copy: &Path,
+    report: &mut Report,
+    devices: &mut BTreeMap<String, DeviceReport>,
+) -> Result<(), String> {
+    copy_dir(path, copy).map_err(|e| format!("cannot copy the queue: {e}"))?;
+    let db = sled::Config::new()
+        .path(copy)
+        .open()
+        .map_err(|e| format!("the earlier release's queue cannot be opened: {e}"))?;
+    let records = db.open_tree("records").map_err(|e| e.to_string())?;
+    report.recovery.push(
+        "the queue is an earlier release's (sled): a starting gateway moves its records into the log"
+            .to_owned(),
+    );
+    for item in records.iter() {
         let (key, value) = match item {
             Ok(kv) => kv,
             Err(e) => {
@@ -281,54 +346,45 @@ fn read_queue(path: &Path, report: &mut Report) -> Result<(), String> {
                 break;
             }
         };
-        let Ok(rec) = record::decode(&key, &value) else {
-            report
-                .read_errors
-                .push("records: a damaged record was not quarantined".into());
-            continue;
-        };
-        let size = (key.len() + value.len()) as u64;
-        report.records += 1;
-        report.bytes += size;
-        let d = devices.entry(rec.device_id.clone()).or_default();
-        if d.records == 0 {
-            d.device = rec.device_id;
-            d.oldest_id = rec.id.0;
-            d.oldest_arrival_ms = rec.arrival_ms;
-        }
-        d.records += 1;
-        d.bytes += size;
-        d.newest_id = rec.id.0;
-        d.newest_arrival_ms = rec.arrival_ms;
-        // Ids sort within a device; arrival times follow but clocks may jump.
-        d.oldest_arrival_ms = d.oldest_arrival_ms.min(rec.arrival_ms);
-    }
-    let mut in_quarantine = 0u64;
-    for item in store.quarantine.iter() {
-        let (key, value) = match item {
-            Ok(kv) => kv,
-            Err(e) => {
-                report.read_errors.push(format!("quarantine: {e}"));
-                break;
+        match record::decode(&key, &value) {
+            Ok(rec) => count(
+                devices,
+                &rec.device_id,
+                rec.id.0,
+                rec.arrival_ms,
+                (key.len() + value.len()) as u64,
+            ),
+            Err(err) => {
+                report.damaged_total += 1;
+                if report.quarantine.len() < LISTED {
+                    report.quarantine.push(damaged(&key, &value, err));
+                }
             }
-        };
-        in_quarantine += 1;
-        if report.quarantine.len() < LISTED {
-            let err = record::decode(&key, &value).err();
-            let mut entry = damaged(&key, &value, err.unwrap_or(RecordError::Checksum));
-            if err.is_none() {
-                entry.reason = "quarantined (decodes now; it failed when it was moved)".into();
-            }
-            report.quarantine.push(entry);
         }
     }
-    report.damaged_total = counters.quarantined.load(Ordering::Relaxed);
-    report.quarantined_total = in_quarantine.saturating_sub(report.damaged_total);
-    for d in devices.values_mut() {
-        d.oldest_age_s = now.saturating_sub(d.oldest_arrival_ms) / 1000;
-        d.newest_age_s = now.saturating_sub(d.newest_arrival_ms) / 1000;
+    Ok(())
+}
+
+/// Copies a directory tree (sled's files, or a queue's) to `to`.
+fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if entry.file_type()?.is_dir() {
+            // A queue's own subdirectories are not sled's.
+            if !matches!(name.as_ref(), "log" | "state") && !name.contains(".damaged-") {
+                copy_dir(&entry.path(), &target)?;
+            }
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
     }
-    report.devices = devices.into_values().collect();
     Ok(())
 }
 
@@ -342,9 +398,17 @@ fn damaged(key: &[u8], value: &[u8], err: RecordError) -> DamagedRecord {
     }
 }
 
-/// Databases moved aside next to `path` (`queue.damaged-<unix time>`).
+/// Databases moved aside in `path` (`state.damaged-<ms>`, `sled.damaged-<ms>`).
 fn set_aside(path: &Path) -> Vec<SetAside> {
-    damaged_copies(path)
+    let mut copies: Vec<PathBuf> = fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".damaged-"))
+        .map(|e| e.path())
+        .collect();
+    copies.sort();
+    copies
         .into_iter()
         .map(|copy| SetAside {
             size_on_disk: dir_size(&copy),
@@ -427,7 +491,7 @@ pub fn render(report: &Report) -> String {
         }
         let _ = writeln!(
             w,
-            "damaged (a starting gateway quarantines them): {}",
+            "damaged ranges (a starting gateway quarantines them): {}",
             report.damaged_total
         );
         let _ = writeln!(w, "quarantined before: {}", report.quarantined_total);
@@ -462,13 +526,7 @@ pub fn render(report: &Report) -> String {
         );
     }
     for e in &report.read_errors {
-        let _ = writeln!(w, "read error (the rest of that tree is unreadable): {e}");
-    }
-    for l in &report.rebuild_leftovers {
-        let _ = writeln!(
-            w,
-            "interrupted rebuild: {l} (the next start finishes or removes it)"
-        );
+        let _ = writeln!(w, "read error: {e}");
     }
     let _ = writeln!(w, "status: {}", report.status);
     out

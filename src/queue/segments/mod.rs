@@ -77,6 +77,22 @@ pub struct StoredFrame {
     pub payload: Bytes,
 }
 
+/// Bytes of a damaged range kept in a [`Damage`] (for the quarantine).
+const DAMAGE_KEEP: usize = 64 << 10;
+
+/// A range of a segment that holds no valid frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment's number.
+    pub segment: u32,
+    /// Where the range starts.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+    /// Its first bytes (up to 64 KiB), read before the segment may be deleted.
+    pub bytes: Vec<u8>,
+}
+
 /// What [`SegmentLog::open`] found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct OpenReport {
@@ -84,8 +100,12 @@ pub struct OpenReport {
     pub frames: u64,
     /// Frames the caller kept.
     pub kept: u64,
-    /// Damaged ranges `(segment, offset, len)`, torn tails included.
-    pub damaged: Vec<(u32, u64, u64)>,
+    /// Damaged ranges, not counting a torn tail.
+    pub damaged: Vec<Damage>,
+    /// Bytes after the last valid frame of the newest segment: a batch whose write a
+    /// crash cut short (never acknowledged to a device), `(segment, offset, len)`. The
+    /// segment is cut there.
+    pub torn_tail: Option<(u32, u64, u64)>,
     /// Segments deleted because none of their frames was kept.
     pub deleted: u64,
 }
@@ -127,6 +147,81 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Cuts a segment at `len` and syncs it.
+fn truncate(path: &Path, len: u64) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.set_len(len)?;
+    file.sync_all()
+}
+
+/// Reads every frame of segment `number` into `report` and `keep`; returns how many
+/// frames `keep` kept. Damage ending the newest segment is its torn tail.
+fn scan_segment(
+    number: u32,
+    file: &File,
+    newest: bool,
+    report: &mut OpenReport,
+    keep: &mut impl FnMut(Location, &Frame<'_>) -> bool,
+) -> io::Result<u64> {
+    let file_len = file.metadata()?.len();
+    let mut live = 0;
+    let mut frames = 0;
+    let outcome = scan::scan(file, HEADER_LEN.min(file_len), file_len, |offset, frame| {
+        frames += 1;
+        let at = Location {
+            segment: number,
+            offset: u32::try_from(offset).unwrap_or(u32::MAX),
+            len: u32::try_from(frame.len).unwrap_or(u32::MAX),
+        };
+        if keep(at, frame) {
+            live += 1;
+        }
+    })?;
+    report.frames += frames;
+    for (offset, len) in outcome.damaged {
+        if newest && offset + len == file_len {
+            report.torn_tail = Some((number, offset, len));
+            continue;
+        }
+        let keep_len = usize::try_from(len).unwrap_or(DAMAGE_KEEP).min(DAMAGE_KEEP);
+        let mut bytes = vec![0; keep_len];
+        file.read_exact_at(&mut bytes, offset)?;
+        report.damaged.push(Damage {
+            segment: number,
+            offset,
+            len,
+            bytes,
+        });
+    }
+    Ok(live)
+}
+
+/// Reads every frame of the log in `dir` without changing anything (for `queue
+/// inspect`): `each` sees every valid frame; the report has the damage and the torn
+/// tail (`kept` counts what `each` accepted).
+///
+/// # Errors
+/// The OS error of reading the directory or a segment.
+pub fn read_only(
+    dir: &Path,
+    mut each: impl FnMut(Location, &Frame<'_>) -> bool,
+) -> io::Result<OpenReport> {
+    let mut report = OpenReport::default();
+    let listed = file::list(dir)?;
+    let newest = listed.last().map(|(number, _)| *number);
+    for (number, path) in listed {
+        let file = File::open(&path)?;
+        report.kept += scan_segment(
+            number,
+            &file,
+            Some(number) == newest,
+            &mut report,
+            &mut each,
+        )?;
+    }
+    Ok(report)
+}
+
 fn too_large(what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
@@ -149,29 +244,23 @@ impl SegmentLog {
         std::fs::create_dir_all(dir)?;
         let mut report = OpenReport::default();
         let mut segments = BTreeMap::new();
+        let listed = file::list(dir)?;
+        let newest = listed.last().map(|(number, _)| *number);
         let mut last = 0;
-        for (number, path) in file::list(dir)? {
+        for (number, path) in listed {
             last = number;
             let file = File::open(&path)?;
-            let len = file.metadata()?.len();
-            let mut live = 0;
-            let outcome = scan::scan(&file, HEADER_LEN.min(len), len, |offset, frame| {
-                report.frames += 1;
-                let at = Location {
-                    segment: number,
-                    offset: u32::try_from(offset).unwrap_or(u32::MAX),
-                    len: u32::try_from(frame.len).unwrap_or(u32::MAX),
-                };
-                if keep(at, frame) {
-                    live += 1;
-                }
-            })?;
-            report.damaged.extend(
-                outcome
-                    .damaged
-                    .into_iter()
-                    .map(|(offset, len)| (number, offset, len)),
-            );
+            let mut file_len = file.metadata()?.len();
+            let newest = Some(number) == newest;
+            let live = scan_segment(number, &file, newest, &mut report, &mut keep)?;
+            if let Some((segment, offset, _)) = report.torn_tail
+                && segment == number
+            {
+                // Cut off, so that it is not met again once this segment is no longer
+                // the newest.
+                truncate(&path, offset)?;
+                file_len = offset;
+            }
             if live == 0 {
                 std::fs::remove_file(&path)?;
                 report.deleted += 1;
@@ -179,7 +268,14 @@ impl SegmentLog {
             }
             report.kept += live;
             let file = Arc::new(file);
-            segments.insert(number, Segment { file, live, len });
+            segments.insert(
+                number,
+                Segment {
+                    file,
+                    live,
+                    len: file_len,
+                },
+            );
         }
         if report.deleted > 0 {
             file::sync_dir(dir)?;
@@ -288,6 +384,25 @@ impl SegmentLog {
             self.delete(closed);
         }
         Ok(())
+    }
+
+    /// If every record of the active segment is gone and it holds at least
+    /// `min_len` bytes, starts the next segment, which deletes this one: the space of a
+    /// drained queue comes back even when nothing new is appended. Returns whether it
+    /// did.
+    ///
+    /// # Errors
+    /// The OS error of creating the next segment.
+    pub fn rotate_if_drained(&self, min_len: u64) -> io::Result<bool> {
+        let mut active = lock(&self.active);
+        let drained = lock(&self.segments)
+            .get(&active.number)
+            .is_some_and(|segment| segment.live == 0);
+        if !drained || active.len < min_len.max(HEADER_LEN + 1) {
+            return Ok(false);
+        }
+        self.start_segment(&mut active)?;
+        Ok(true)
     }
 
     /// Reads the frame at `at` and checks it.

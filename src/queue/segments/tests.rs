@@ -138,7 +138,13 @@ fn a_torn_batch_at_the_end_loses_only_that_batch() {
     let (_, kept, report) = reopen(dir.path(), |_| true);
     assert_eq!(kept.len(), 100);
     let end = u64::from(last.offset) + u64::from(last.len);
-    assert_eq!(report.damaged, [(last.segment, end, 150)]);
+    assert!(report.damaged.is_empty());
+    assert_eq!(report.torn_tail, Some((last.segment, end, 150)));
+    assert_eq!(
+        std::fs::metadata(&path).expect("metadata").len(),
+        end,
+        "cut off"
+    );
 }
 
 #[test]
@@ -156,10 +162,17 @@ fn a_flipped_bit_costs_one_record_and_is_reported() {
     let kept: HashSet<u64> = kept.into_iter().collect();
     assert_eq!(kept.len(), 299);
     assert!(!kept.contains(&123));
+    let damage: Vec<(u32, u64, u64)> = report
+        .damaged
+        .iter()
+        .map(|d| (d.segment, d.offset, d.len))
+        .collect();
     assert_eq!(
-        report.damaged,
+        damage,
         [(hit.segment, u64::from(hit.offset), u64::from(hit.len))]
     );
+    assert_eq!(report.damaged[0].bytes.len(), hit.len as usize);
+    assert_eq!(report.torn_tail, None);
     assert_eq!(
         log.read(hit).map_err(|e| e.kind()).err(),
         Some(std::io::ErrorKind::InvalidData),
@@ -189,4 +202,29 @@ fn segment_files_are_private() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn a_drained_active_segment_is_replaced_so_its_space_comes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let locations = append(&log, 0..10, 300, 10);
+    assert!(
+        !log.rotate_if_drained(1).expect("rotate"),
+        "records still queued"
+    );
+    for at in &locations {
+        log.release(*at);
+    }
+    assert!(
+        !log.rotate_if_drained(1 << 20).expect("rotate"),
+        "too small to bother"
+    );
+    assert!(log.rotate_if_drained(1).expect("rotate"));
+    assert_eq!(log.disk_bytes(), HEADER_LEN);
+    assert_eq!(file::list(dir.path()).expect("list").len(), 1);
+    assert!(
+        !log.rotate_if_drained(1).expect("rotate"),
+        "an empty segment stays"
+    );
 }
