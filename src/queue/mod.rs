@@ -74,6 +74,10 @@ use writer::WriteRequest;
 
 use crate::clock::now_ms;
 
+/// Free disk space is read again after this many bytes were committed ...
+const STATVFS_EVERY_BYTES: u64 = 256 << 10;
+/// ... or this long.
+const STATVFS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// A drained active segment is replaced once it holds this much.
 const DRAINED_SEGMENT_MIN: u64 = 64 << 10;
 /// Segment size: the queue's cap over this, between the bounds below, so that a small
@@ -285,6 +289,8 @@ struct Inner {
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     arrived: Notify,
     free_disk: AtomicU64,
+    /// Bytes committed since `free_disk` was read, and when it was.
+    statvfs_since: Mutex<(u64, std::time::Instant)>,
     counters: Arc<QueueCounters>,
 }
 
@@ -301,6 +307,7 @@ impl Queue {
         let (tx, rx) = mpsc::channel(config.max_batch.max(1) * 2);
         let inner = Arc::new(Inner {
             free_disk: AtomicU64::new(free_disk_bytes(&config.path)),
+            statvfs_since: Mutex::new((0, std::time::Instant::now())),
             config,
             log: opened.log,
             state: opened.state,
@@ -495,7 +502,7 @@ impl Queue {
             let records = inner.index().len() as u64;
             inner
                 .state
-                .mark_clean_stop(records)
+                .mark_clean_stop(records, &inner.config.path)
                 .map_err(|e| inner.storage_error(io::Error::other(e)))
         })
         .await
@@ -543,19 +550,35 @@ impl Inner {
             .unwrap_or_else(|| Arc::new(io::Error::other("queue storage is failing")))
     }
 
-    fn after_commit(&self, records: usize) {
+    /// Counts a commit of `records` (`bytes` in all) and wakes the uplink. The free
+    /// space is read again (`statvfs`) once `STATVFS_EVERY_BYTES` were written since, or
+    /// `STATVFS_EVERY` passed: not once per commit, which at a few thousand messages a
+    /// second would be a path lookup per message.
+    fn after_commit(&self, records: usize, bytes: u64) {
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         self.counters
             .committed
             .fetch_add(records as u64, Ordering::Relaxed);
-        self.free_disk
-            .store(free_disk_bytes(&self.config.path), Ordering::Relaxed);
+        {
+            let mut since = lock(&self.statvfs_since);
+            since.0 += bytes;
+            if since.0 >= STATVFS_EVERY_BYTES || since.1.elapsed() >= STATVFS_EVERY {
+                *since = (0, std::time::Instant::now());
+                self.free_disk
+                    .store(free_disk_bytes(&self.config.path), Ordering::Relaxed);
+            }
+        }
         self.arrived.notify_one();
     }
 
-    /// Saves the floors and gives back the space of a drained active segment. Blocking.
-    fn maintain(&self) {
+    /// Saves the floors and, if the writer is `idle`, gives back the space of a drained
+    /// active segment (not while records flow: that would put a segment's creation and
+    /// its syncs in the way of appends every second). Blocking.
+    fn maintain(&self, idle: bool) {
         let _ = self.save_floors();
+        if !idle {
+            return;
+        }
         match self.log.rotate_if_drained(DRAINED_SEGMENT_MIN) {
             Ok(true) => {
                 self.free_disk

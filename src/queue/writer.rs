@@ -12,9 +12,10 @@
 //! PUBACK then. Only closing the queue ends the wait, with an error (no PUBACK; the
 //! devices send those records again).
 //!
-//! Between batches, and at least every second, the writer saves the acknowledgement
-//! floors (`state`) and replaces a drained active segment, so the space of a drained
-//! queue comes back even while nothing new is written.
+//! At most every second, beside the appends (never in their way), the writer saves the
+//! acknowledgement floors (`state`), and when it had nothing to write for a second it
+//! replaces a drained active segment, so the space of a drained queue comes back even
+//! while nothing new is written (a full disk refuses new records).
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -25,7 +26,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::index::Entry;
-use super::record::RecordId;
+use super::record::{FRAME_OVERHEAD, RecordId};
 use super::segments::Append;
 use super::{Inner, lock};
 
@@ -57,13 +58,15 @@ pub(super) async fn run(
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     let mut floors_saved = Instant::now();
+    let mut maintenance: Option<tokio::task::JoinHandle<()>> = None;
     loop {
+        let mut idle = false;
         tokio::select! {
             request = requests.recv() => match request {
                 Some(request) => batch.push(request),
                 None => break,
             },
-            () = tokio::time::sleep(FLOORS_EVERY) => {}
+            () = tokio::time::sleep(FLOORS_EVERY) => idle = true,
         }
         while batch.len() < max_batch {
             match requests.try_recv() {
@@ -74,12 +77,20 @@ pub(super) async fn run(
         if !batch.is_empty() {
             batch = commit_until_durable(&inner, batch, &requests).await;
         }
-        if floors_saved.elapsed() >= FLOORS_EVERY {
+        // Beside the appends, never in their way: one maintenance at a time.
+        if floors_saved.elapsed() >= FLOORS_EVERY
+            && maintenance
+                .as_ref()
+                .is_none_or(tokio::task::JoinHandle::is_finished)
+        {
             floors_saved = Instant::now();
             if let Some(queue) = inner.upgrade() {
-                let _ = tokio::task::spawn_blocking(move || queue.maintain()).await;
+                maintenance = Some(tokio::task::spawn_blocking(move || queue.maintain(idle)));
             }
         }
+    }
+    if let Some(running) = maintenance {
+        let _ = running.await;
     }
 }
 
@@ -124,7 +135,11 @@ async fn commit_until_durable(
                     *lock(&queue.last_error) = None;
                 }
                 queue.failing.store(false, Ordering::Release);
-                queue.after_commit(batch.len());
+                let bytes = batch
+                    .iter()
+                    .map(|r| (FRAME_OVERHEAD + r.key.len() + r.payload.len()) as u64)
+                    .sum();
+                queue.after_commit(batch.len(), bytes);
                 for request in batch.drain(..) {
                     // The publisher may have gone; its record is stored either way.
                     let _ = request.reply.send(Ok(()));
