@@ -396,7 +396,8 @@ impl Metrics {
             ),
             queue_quarantined: counter(
                 "queue_quarantined_total",
-                "Damaged queue records moved to quarantine.",
+                "Damaged stretches of the queue's log (one or more records each) put in \
+                 quarantine.",
             ),
             queue_dropped: counter_vec(
                 "queue_dropped_total",

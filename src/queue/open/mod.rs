@@ -160,18 +160,31 @@ fn open_state(path: &Path, cache: u64, counters: &QueueCounters) -> Result<State
         let clean_stop = state.take_clean_stop()?;
         Ok((state, floors, clean_stop))
     };
-    match std::panic::catch_unwind(read) {
-        Ok(Ok(read)) => return Ok(read),
-        Ok(Err(sled::Error::Io(err))) => return Err(storage(err)),
-        Ok(Err(err)) => {
-            tracing::error!(error = %err, "the queue's state database cannot be opened; moving it aside (acknowledged records still queued will be sent again)");
+    let mut conf_set_aside = false;
+    loop {
+        match std::panic::catch_unwind(read) {
+            Ok(Ok(read)) => return Ok(read),
+            Ok(Err(sled::Error::Io(err))) => return Err(storage(err)),
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "the queue's state database cannot be opened");
+            }
+            Err(_) => tracing::error!("reading the queue's state database panicked"),
         }
-        Err(_) => {
-            tracing::error!(
-                "reading the queue's state database panicked; moving it aside (acknowledged records still queued will be sent again)"
-            );
+        // First only sled's small `conf` (sled writes a fresh one; the state database
+        // uses sled's defaults), then the whole database.
+        let conf = state::path_of(path).join("conf");
+        if conf_set_aside || !conf.exists() {
+            break;
         }
+        let aside = state::path_of(path).join(format!("conf.damaged-{}", crate::clock::now_ms()));
+        if std::fs::rename(&conf, &aside).is_err() {
+            break;
+        }
+        conf_set_aside = true;
     }
+    tracing::error!(
+        "moving the queue's state database aside (acknowledged records still queued will be sent again)"
+    );
     let from = state::path_of(path);
     let aside = path.join(format!("state.damaged-{}", crate::clock::now_ms()));
     std::fs::rename(&from, &aside).map_err(|source| QueueError::MoveAside {
