@@ -33,6 +33,7 @@ mod backlog;
 mod backlog_report;
 mod brokers;
 mod counter;
+mod cpu;
 mod load;
 mod mqtt;
 mod phase;

@@ -37,6 +37,8 @@
 
 #![forbid(unsafe_code)]
 
+#[path = "../cpu.rs"]
+mod cpu;
 mod log_store;
 mod report;
 mod store;

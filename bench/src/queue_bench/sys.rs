@@ -5,39 +5,10 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
-use std::sync::OnceLock;
 
 /// CPU time (user + system, all threads) of this process so far, in seconds.
-/// `/proc` counts in clock ticks, so the resolution is 10 ms.
 pub(crate) fn cpu_seconds() -> f64 {
-    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The command name (field 2) may hold spaces: count fields after its `)`.
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime is field 14, stime field 15: index 11 and 12 after the command name.
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (ticks(11) + ticks(12)) as f64 / clock_ticks_per_second()
-}
-
-/// USER_HZ from `getconf CLK_TCK`, once; 100 (Linux's value everywhere) if that fails.
-fn clock_ticks_per_second() -> f64 {
-    static HZ: OnceLock<f64> = OnceLock::new();
-    *HZ.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .filter(|hz| *hz > 0.0)
-            .unwrap_or(100.0)
-    })
+    crate::cpu::cpu_seconds_of("self")
 }
 
 /// `write_bytes` of `/proc/self/io`: bytes this process (every thread, sled's and
