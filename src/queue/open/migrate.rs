@@ -25,6 +25,43 @@ fn has_sled(path: &Path) -> bool {
     path.join("conf").exists() || path.join("db").exists()
 }
 
+/// Removes what an earlier release kept next to its queue that means nothing now (its
+/// clean-stop marker `queue.clean`, its 2 MiB emergency reserve `queue.reserve`), and
+/// warns about an interrupted rebuild it left (`queue.rebuild`, `queue.replaced`: they
+/// may hold records; an earlier release finishes the rebuild when it starts), which is
+/// kept.
+pub(in crate::queue) fn tidy_earlier_release(path: &Path) {
+    for suffix in ["clean", "reserve"] {
+        let leftover = sibling(path, suffix);
+        match std::fs::remove_file(&leftover) {
+            Ok(()) => {
+                tracing::info!(file = %leftover.display(), "removed a file an earlier release kept next to its queue")
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::warn!(error = %err, file = %leftover.display(), "cannot remove a file an earlier release kept next to its queue")
+            }
+        }
+    }
+    for suffix in ["rebuild", "replaced"] {
+        let leftover = sibling(path, suffix);
+        if leftover.exists() {
+            tracing::error!(
+                path = %leftover.display(),
+                "an earlier release's interrupted queue rebuild left this; it may hold records this release does not read: start the earlier release once to finish it, or keep it for inspection"
+            );
+        }
+    }
+}
+
+/// `<queue>.<suffix>`, next to the queue directory.
+fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".");
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
 /// Migrates the sled queue at `config.path`, if there is one.
 ///
 /// # Errors
@@ -168,6 +205,22 @@ mod tests {
     use super::super::super::{QueueConfig, QueueCounters, record};
     use super::from_sled;
     use std::sync::atomic::Ordering;
+
+    #[test]
+    fn an_earlier_release_s_marker_and_reserve_are_removed_and_a_rebuild_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = dir.path().join("queue");
+        for name in ["queue.clean", "queue.reserve", "queue.rebuild"] {
+            std::fs::write(dir.path().join(name), b"x").expect("write");
+        }
+        super::tidy_earlier_release(&queue);
+        assert!(!dir.path().join("queue.clean").exists());
+        assert!(!dir.path().join("queue.reserve").exists());
+        assert!(
+            dir.path().join("queue.rebuild").exists(),
+            "may hold records"
+        );
+    }
 
     #[test]
     fn every_record_of_a_sled_queue_moves_into_the_log() {

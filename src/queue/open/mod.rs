@@ -46,6 +46,7 @@ pub(super) fn open(config: &QueueConfig, counters: &QueueCounters) -> Result<Ope
         .mode(0o700)
         .create(path)
         .map_err(storage)?;
+    migrate::tidy_earlier_release(path);
     migrate::from_sled(config, counters)?;
     let (state, floors, clean_stop) = open_state(path, config.cache_size, counters)?;
 
