@@ -1,6 +1,6 @@
-//! The storage engine under test, behind a small trait so that another backend can be
-//! measured with the same workload: [`Store`], and [`SledQueue`], the gateway's own
-//! durable queue (`blindgate::queue::Queue`, sled).
+//! The storage engine under test, behind a small trait so that another design can be
+//! measured with the same workload: [`Store`], and [`GatewayQueue`], the gateway's own
+//! durable queue (`blindgate::queue::Queue`).
 
 use std::future::Future;
 use std::path::Path;
@@ -39,11 +39,11 @@ pub(crate) trait Store: Clone + Send + Sync + 'static {
 /// `blindgate::queue::Queue` with the gateway's defaults, except the caps, which are
 /// raised so that a run is never refused.
 #[derive(Clone)]
-pub(crate) struct SledQueue {
+pub(crate) struct GatewayQueue {
     queue: Queue,
 }
 
-impl SledQueue {
+impl GatewayQueue {
     /// Opens a fresh queue at `dir`, with room for `bytes` of records (keys and
     /// framing included); must run inside the tokio runtime (it starts the writer task).
     pub(crate) fn open(dir: &Path, bytes: u64) -> Result<Self> {
@@ -56,7 +56,7 @@ impl SledQueue {
     }
 }
 
-impl Store for SledQueue {
+impl Store for GatewayQueue {
     type Durable = std::pin::Pin<Box<dyn Future<Output = Result<u64>> + Send>>;
 
     fn append(&self, device: &str, payload: &Bytes) -> Result<Option<Self::Durable>> {

@@ -11,8 +11,8 @@ pub(crate) fn cpu_seconds() -> f64 {
     crate::cpu::cpu_seconds_of("self")
 }
 
-/// `write_bytes` of `/proc/self/io`: bytes this process (every thread, sled's and
-/// tokio's blocking threads included) caused to be sent to storage; 0 if unreadable.
+/// `write_bytes` of `/proc/self/io`: bytes this process (every thread, tokio's
+/// blocking threads included) caused to be sent to storage; 0 if unreadable.
 pub(crate) fn write_bytes() -> u64 {
     let io = fs::read_to_string("/proc/self/io").unwrap_or_default();
     field(&io, "write_bytes:").unwrap_or(0)
