@@ -81,9 +81,11 @@ const STATVFS_EVERY: std::time::Duration = std::time::Duration::from_millis(100)
 /// A drained active segment is replaced once it holds this much.
 const DRAINED_SEGMENT_MIN: u64 = 64 << 10;
 /// Segment size: the queue's cap over this, between the bounds below, so that a small
-/// queue on a small disk does not keep a large drained segment.
+/// queue on a small disk does not keep a large drained segment, and a large queue does
+/// not hold thousands of files open (each segment keeps its file open for reads).
 const SEGMENTS_PER_CAP: u64 = 32;
 const SEGMENT_MIN: u64 = 256 << 10;
+const SEGMENT_MAX: u64 = 64 << 20;
 
 /// What to do when a cap is reached (`queue.overflow`: `"refuse"` or `"drop-oldest"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize)]

@@ -37,6 +37,9 @@ pub(super) type WriteResult = Result<(), Arc<io::Error>>;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest pause between attempts to write a held batch.
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// A batch stops growing at this many payload bytes (a frame's offset in its segment
+/// must fit in 32 bits, and one write need not be larger).
+const MAX_BATCH_BYTES: usize = 64 << 20;
 /// How often acknowledgement floors are saved.
 const FLOORS_EVERY: Duration = Duration::from_secs(1);
 
@@ -68,9 +71,13 @@ pub(super) async fn run(
             },
             () = tokio::time::sleep(FLOORS_EVERY) => idle = true,
         }
-        while batch.len() < max_batch {
+        let mut bytes: usize = batch.iter().map(|r| r.payload.len()).sum();
+        while batch.len() < max_batch && bytes < MAX_BATCH_BYTES {
             match requests.try_recv() {
-                Ok(request) => batch.push(request),
+                Ok(request) => {
+                    bytes += request.payload.len();
+                    batch.push(request);
+                }
                 Err(_) => break,
             }
         }

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use super::index::{Entry, Floor, Index};
 use super::ledger::Ledger;
 use super::record;
-use super::segments::{DEFAULT_SEGMENT_SIZE, Location, OpenReport, SegmentLog};
+use super::segments::{Location, OpenReport, SegmentLog};
 use super::state::{self, State};
 use super::{QueueConfig, QueueCounters, QueueError};
 
@@ -99,9 +99,10 @@ pub(super) fn open(config: &QueueConfig, counters: &QueueCounters) -> Result<Ope
     })
 }
 
-/// Segments of a 32nd of the queue's cap, between 256 KiB and 8 MiB.
+/// Segments of a 32nd of the queue's cap, between 256 KiB and 64 MiB (8 MiB for the
+/// default cap of 256 MiB).
 fn segment_size(config: &QueueConfig) -> u64 {
-    (config.max_bytes / super::SEGMENTS_PER_CAP).clamp(super::SEGMENT_MIN, DEFAULT_SEGMENT_SIZE)
+    (config.max_bytes / super::SEGMENTS_PER_CAP).clamp(super::SEGMENT_MIN, super::SEGMENT_MAX)
 }
 
 /// The first id to give out: above every id in the log and every floor, so that no new
