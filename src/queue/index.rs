@@ -41,6 +41,9 @@ impl Floor {
 #[derive(Debug, Default)]
 pub(super) struct Index {
     devices: HashMap<String, DeviceRecords>,
+    /// A record came or went since [`Index::take_changed`]: the floors may differ from
+    /// the saved ones.
+    changed: bool,
 }
 
 impl Index {
@@ -63,6 +66,7 @@ impl Index {
             }
             _ => records.entries.push_back(entry),
         }
+        self.changed = true;
         true
     }
 
@@ -88,6 +92,7 @@ impl Index {
             let floor = records.entries.front().map_or(records.next, |e| e.id.0);
             records.gone = records.gone.split_off(&floor);
         }
+        self.changed = true;
         Some(entry)
     }
 
@@ -116,6 +121,16 @@ impl Index {
             records.gone.insert(id);
             records.next = records.next.max(id.saturating_add(1));
         }
+    }
+
+    /// Whether a record came or went since the last call.
+    pub(super) fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Says the floors must be saved again (a save failed).
+    pub(super) fn mark_changed(&mut self) {
+        self.changed = true;
     }
 
     /// Forgets devices with no records (their floors were saved).
@@ -194,6 +209,19 @@ mod tests {
         assert_eq!(floors, [("a", floor(14, &[]))]);
         index.forget_empty();
         assert_eq!(index.floors().count(), 0);
+    }
+
+    #[test]
+    fn a_change_is_reported_once() {
+        let mut index = Index::default();
+        assert!(!index.take_changed());
+        index.insert("a", entry(1));
+        assert!(index.take_changed());
+        assert!(!index.take_changed());
+        assert!(index.remove("a", RecordId(2)).is_none());
+        assert!(!index.take_changed(), "nothing was removed");
+        index.remove("a", RecordId(1));
+        assert!(index.take_changed());
     }
 
     #[test]

@@ -159,6 +159,16 @@ pub enum QueueError {
     },
 }
 
+impl QueueError {
+    /// Reading or writing the files of the queue at `path` failed with `source`.
+    fn storage(path: &std::path::Path, source: io::Error) -> Self {
+        Self::Storage {
+            path: path.to_owned(),
+            source: Arc::new(source),
+        }
+    }
+}
+
 /// Why a record was not stored. In every case the device gets no PUBACK.
 #[derive(Debug, Clone, Error)]
 #[non_exhaustive]
@@ -380,6 +390,7 @@ impl Queue {
             device_id: device_id.to_owned(),
             id,
             key,
+            size,
             arrival_ms: now_ms(),
             payload: payload.clone(),
             reply,
@@ -441,7 +452,7 @@ impl Queue {
     /// # Errors
     /// None today; the signature keeps room for failures that cannot be deferred.
     pub fn ack(&self, device_id: &str, id: RecordId) -> Result<bool, QueueError> {
-        Ok(self.inner.take_out(device_id, id).is_some())
+        Ok(self.inner.take_out(device_id, id))
     }
 
     /// Waits until a commit stored new records (returns at once if one happened since
@@ -539,10 +550,7 @@ impl Inner {
     }
 
     fn storage_error(&self, source: io::Error) -> QueueError {
-        QueueError::Storage {
-            path: self.config.path.clone(),
-            source: Arc::new(source),
-        }
+        QueueError::storage(&self.config.path, source)
     }
 
     /// The error to report while the writer holds a batch it cannot write.
@@ -561,16 +569,23 @@ impl Inner {
         self.counters
             .committed
             .fetch_add(records as u64, Ordering::Relaxed);
-        {
+        let due = {
             let mut since = lock(&self.statvfs_since);
             since.0 += bytes;
-            if since.0 >= STATVFS_EVERY_BYTES || since.1.elapsed() >= STATVFS_EVERY {
-                *since = (0, std::time::Instant::now());
-                self.free_disk
-                    .store(free_disk_bytes(&self.config.path), Ordering::Relaxed);
-            }
+            since.0 >= STATVFS_EVERY_BYTES || since.1.elapsed() >= STATVFS_EVERY
+        };
+        if due {
+            self.refresh_free_disk();
         }
         self.arrived.notify_one();
+    }
+
+    /// Reads the free disk space again (`statvfs`) and returns it.
+    fn refresh_free_disk(&self) -> u64 {
+        let free = free_disk_bytes(&self.config.path);
+        self.free_disk.store(free, Ordering::Relaxed);
+        *lock(&self.statvfs_since) = (0, std::time::Instant::now());
+        free
     }
 
     /// Saves the floors and, if the writer is `idle`, gives back the space of a drained
@@ -583,8 +598,7 @@ impl Inner {
         }
         match self.log.rotate_if_drained(DRAINED_SEGMENT_MIN) {
             Ok(true) => {
-                self.free_disk
-                    .store(free_disk_bytes(&self.config.path), Ordering::Relaxed);
+                self.refresh_free_disk();
             }
             Ok(false) => {}
             Err(err) => {
@@ -595,13 +609,19 @@ impl Inner {
         }
     }
 
-    /// Saves every device's floor. Blocking.
+    /// Saves every device's floor, if a record came or went since the last save.
+    /// Blocking.
     fn save_floors(&self) -> Result<(), QueueError> {
-        let floors: Vec<(String, index::Floor)> = self
-            .index()
-            .floors()
-            .map(|(device, floor)| (device.to_owned(), floor))
-            .collect();
+        let floors: Vec<(String, index::Floor)> = {
+            let mut index = self.index();
+            if !index.take_changed() {
+                return Ok(());
+            }
+            index
+                .floors()
+                .map(|(device, floor)| (device.to_owned(), floor))
+                .collect()
+        };
         match self
             .state
             .save_floors(floors.iter().map(|(d, f)| (d.as_str(), f)))
@@ -611,6 +631,7 @@ impl Inner {
                 Ok(())
             }
             Err(err) => {
+                self.index().mark_changed();
                 if self.log_limit.check("floors").is_some() {
                     tracing::warn!(error = %err, "cannot save the queue's acknowledgement floors; acknowledged records may be sent again after a crash");
                 }
@@ -619,21 +640,22 @@ impl Inner {
         }
     }
 
-    /// Takes a record out of the queue (acknowledged, dropped or damaged).
-    fn take_out(&self, device_id: &str, id: RecordId) -> Option<segments::Location> {
-        let entry = self.index().remove(device_id, id)?;
+    /// Takes a record out of the queue (acknowledged, dropped or damaged); false if it
+    /// was not there (any more).
+    fn take_out(&self, device_id: &str, id: RecordId) -> bool {
+        let Some(entry) = self.index().remove(device_id, id) else {
+            return false;
+        };
         self.log.release(entry.at);
         self.ledger().release(device_id, u64::from(entry.at.len));
-        Some(entry.at)
+        true
     }
 
     /// Reserves room for a record, dropping oldest records first if the policy says so.
     fn admit(&self, device_id: &str, size: u64) -> Result<(), EnqueueError> {
         if self.free_disk.load(Ordering::Relaxed) < self.config.min_free_disk {
             // Re-read: space may have come back since the last commit.
-            let free = free_disk_bytes(&self.config.path);
-            self.free_disk.store(free, Ordering::Relaxed);
-            if free < self.config.min_free_disk {
+            if self.refresh_free_disk() < self.config.min_free_disk {
                 return Err(EnqueueError::Full(Limit::DiskReserve));
             }
         }
@@ -664,7 +686,7 @@ impl Inner {
         let Some(oldest) = self.index().oldest(device_id) else {
             return false;
         };
-        if self.take_out(device_id, oldest.id).is_none() {
+        if !self.take_out(device_id, oldest.id) {
             // Acknowledged meanwhile: that made room too.
             return true;
         }

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::index::Entry;
-use super::record::{FRAME_OVERHEAD, RecordId};
+use super::record::RecordId;
 use super::segments::Append;
 use super::{Inner, lock};
 
@@ -37,9 +37,9 @@ pub(super) type WriteResult = Result<(), Arc<io::Error>>;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest pause between attempts to write a held batch.
 const RETRY_MAX: Duration = Duration::from_secs(2);
-/// A batch stops growing at this many payload bytes (a frame's offset in its segment
+/// A batch stops growing at this many bytes of frames (a frame's offset in its segment
 /// must fit in 32 bits, and one write need not be larger).
-const MAX_BATCH_BYTES: usize = 64 << 20;
+const MAX_BATCH_BYTES: u64 = 64 << 20;
 /// How often acknowledgement floors are saved.
 const FLOORS_EVERY: Duration = Duration::from_secs(1);
 
@@ -48,6 +48,8 @@ pub(super) struct WriteRequest {
     pub(super) device_id: String,
     pub(super) id: RecordId,
     pub(super) key: Vec<u8>,
+    /// The frame's length, as the ledger counts it.
+    pub(super) size: u64,
     pub(super) arrival_ms: u64,
     pub(super) payload: Bytes,
     pub(super) reply: oneshot::Sender<WriteResult>,
@@ -71,11 +73,11 @@ pub(super) async fn run(
             },
             () = tokio::time::sleep(FLOORS_EVERY) => idle = true,
         }
-        let mut bytes: usize = batch.iter().map(|r| r.payload.len()).sum();
+        let mut bytes: u64 = batch.iter().map(|r| r.size).sum();
         while batch.len() < max_batch && bytes < MAX_BATCH_BYTES {
             match requests.try_recv() {
                 Ok(request) => {
-                    bytes += request.payload.len();
+                    bytes += request.size;
                     batch.push(request);
                 }
                 Err(_) => break,
@@ -142,11 +144,7 @@ async fn commit_until_durable(
                     *lock(&queue.last_error) = None;
                 }
                 queue.failing.store(false, Ordering::Release);
-                let bytes = batch
-                    .iter()
-                    .map(|r| (FRAME_OVERHEAD + r.key.len() + r.payload.len()) as u64)
-                    .sum();
-                queue.after_commit(batch.len(), bytes);
+                queue.after_commit(batch.len(), batch.iter().map(|r| r.size).sum());
                 for request in batch.drain(..) {
                     // The publisher may have gone; its record is stored either way.
                     let _ = request.reply.send(Ok(()));

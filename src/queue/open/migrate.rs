@@ -9,7 +9,6 @@
 //! aside (`sled.damaged-<time>`) and counted, so the gateway starts.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::super::record;
@@ -75,10 +74,7 @@ pub(in crate::queue) fn from_sled(
     if !has_sled(path) {
         return Ok(());
     }
-    let storage = |source: std::io::Error| QueueError::Storage {
-        path: path.clone(),
-        source: Arc::new(source),
-    };
+    let storage = |source| QueueError::storage(path, source);
     let db = match sled::Config::new().path(path).open() {
         Ok(db) => db,
         Err(sled::Error::Io(err)) => return Err(storage(err)),

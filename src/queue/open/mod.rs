@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::index::{Entry, Floor, Index};
@@ -37,10 +36,7 @@ pub(super) fn log_path(queue_dir: &Path) -> PathBuf {
 /// [`QueueError`] if its files cannot be read or created.
 pub(super) fn open(config: &QueueConfig, counters: &QueueCounters) -> Result<Opened, QueueError> {
     let path = &config.path;
-    let storage = |source: io::Error| QueueError::Storage {
-        path: path.clone(),
-        source: Arc::new(source),
-    };
+    let storage = |source| QueueError::storage(path, source);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -152,10 +148,7 @@ type StateRead = (State, HashMap<String, Floor>, Option<u64>);
 /// panic on damaged files) is moved aside and a fresh one made: its floors are lost, so
 /// acknowledged records still in the log are sent again (the cloud drops them).
 fn open_state(path: &Path, cache: u64, counters: &QueueCounters) -> Result<StateRead, QueueError> {
-    let storage = |source: io::Error| QueueError::Storage {
-        path: path.to_owned(),
-        source: Arc::new(source),
-    };
+    let storage = |source| QueueError::storage(path, source);
     let read = || -> sled::Result<StateRead> {
         let state = State::open(path, cache)?;
         let floors = state.floors();

@@ -154,19 +154,29 @@ fn truncate(path: &Path, len: u64) -> io::Result<()> {
     file.sync_all()
 }
 
-/// Reads every frame of segment `number` into `report` and `keep`; returns how many
-/// frames `keep` kept. Damage ending the newest segment is its torn tail.
+/// A segment read at open.
+struct Scanned {
+    file: File,
+    /// Bytes in the file.
+    len: u64,
+    /// Frames `keep` kept.
+    live: u64,
+}
+
+/// Opens segment `number` at `path` and reads every frame of it into `report` and
+/// `keep`. Damage ending the newest segment is its torn tail.
 fn scan_segment(
     number: u32,
-    file: &File,
+    path: &Path,
     newest: bool,
     report: &mut OpenReport,
     keep: &mut impl FnMut(Location, &Frame<'_>) -> bool,
-) -> io::Result<u64> {
-    let file_len = file.metadata()?.len();
+) -> io::Result<Scanned> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
     let mut live = 0;
     let mut frames = 0;
-    let outcome = scan::scan(file, HEADER_LEN.min(file_len), file_len, |offset, frame| {
+    let outcome = scan::scan(&file, HEADER_LEN.min(len), len, |offset, frame| {
         frames += 1;
         let at = Location {
             segment: number,
@@ -178,22 +188,24 @@ fn scan_segment(
         }
     })?;
     report.frames += frames;
-    for (offset, len) in outcome.damaged {
-        if newest && offset + len == file_len {
-            report.torn_tail = Some((number, offset, len));
+    for (offset, damaged) in outcome.damaged {
+        if newest && offset + damaged == len {
+            report.torn_tail = Some((number, offset, damaged));
             continue;
         }
-        let keep_len = usize::try_from(len).unwrap_or(DAMAGE_KEEP).min(DAMAGE_KEEP);
+        let keep_len = usize::try_from(damaged)
+            .unwrap_or(DAMAGE_KEEP)
+            .min(DAMAGE_KEEP);
         let mut bytes = vec![0; keep_len];
         file.read_exact_at(&mut bytes, offset)?;
         report.damaged.push(Damage {
             segment: number,
             offset,
-            len,
+            len: damaged,
             bytes,
         });
     }
-    Ok(live)
+    Ok(Scanned { file, len, live })
 }
 
 /// Reads every frame of the log in `dir` without changing anything (for `queue
@@ -210,14 +222,8 @@ pub fn read_only(
     let listed = file::list(dir)?;
     let newest = listed.last().map(|(number, _)| *number);
     for (number, path) in listed {
-        let file = File::open(&path)?;
-        report.kept += scan_segment(
-            number,
-            &file,
-            Some(number) == newest,
-            &mut report,
-            &mut each,
-        )?;
+        let newest = Some(number) == newest;
+        report.kept += scan_segment(number, &path, newest, &mut report, &mut each)?.live;
     }
     Ok(report)
 }
@@ -249,17 +255,19 @@ impl SegmentLog {
         let mut last = 0;
         for (number, path) in listed {
             last = number;
-            let file = File::open(&path)?;
-            let mut file_len = file.metadata()?.len();
             let newest = Some(number) == newest;
-            let live = scan_segment(number, &file, newest, &mut report, &mut keep)?;
+            let Scanned {
+                file,
+                mut len,
+                live,
+            } = scan_segment(number, &path, newest, &mut report, &mut keep)?;
             if let Some((segment, offset, _)) = report.torn_tail
                 && segment == number
             {
                 // Cut off, so that it is not met again once this segment is no longer
                 // the newest.
                 truncate(&path, offset)?;
-                file_len = offset;
+                len = offset;
             }
             if live == 0 {
                 std::fs::remove_file(&path)?;
@@ -268,14 +276,7 @@ impl SegmentLog {
             }
             report.kept += live;
             let file = Arc::new(file);
-            segments.insert(
-                number,
-                Segment {
-                    file,
-                    live,
-                    len: file_len,
-                },
-            );
+            segments.insert(number, Segment { file, live, len });
         }
         if report.deleted > 0 {
             file::sync_dir(dir)?;
