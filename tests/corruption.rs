@@ -264,14 +264,11 @@ fn still_intact_on_disk(
 fn tamper(queue: &Path, keys: &BTreeSet<Vec<u8>>) {
     for path in segments(queue) {
         let mut bytes = std::fs::read(&path).expect("read");
-        let mut at = SEGMENT_HEADER;
-        let mut hits = Vec::new();
-        while let Ok(frame) = read_frame(&bytes[at..]) {
-            if keys.contains(frame.key) {
-                hits.push(at + frame.len - 1);
-            }
-            at += frame.len;
-        }
+        let hits: Vec<usize> = frames(&bytes)
+            .into_iter()
+            .filter(|(_, _, key)| keys.contains(key))
+            .map(|(at, len, _)| at + len - 1)
+            .collect();
         for hit in &hits {
             bytes[*hit] ^= 0x01;
         }
@@ -283,16 +280,22 @@ fn tamper(queue: &Path, keys: &BTreeSet<Vec<u8>>) {
 
 /// The keys of every record in the segments of the queue at `queue`.
 fn keys_in_log(queue: &Path) -> Vec<Vec<u8>> {
-    let mut keys = Vec::new();
-    for path in segments(queue) {
-        let bytes = std::fs::read(&path).expect("read");
-        let mut at = SEGMENT_HEADER;
-        while let Ok(frame) = read_frame(&bytes[at..]) {
-            keys.push(frame.key.to_vec());
-            at += frame.len;
-        }
+    segments(queue)
+        .iter()
+        .flat_map(|path| frames(&std::fs::read(path).expect("read")))
+        .map(|(_, _, key)| key)
+        .collect()
+}
+
+/// The frames of an undamaged segment's bytes, in order: offset, length, key.
+fn frames(bytes: &[u8]) -> Vec<(usize, usize, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut at = SEGMENT_HEADER;
+    while let Ok(frame) = read_frame(&bytes[at..]) {
+        found.push((at, frame.len, frame.key.to_vec()));
+        at += frame.len;
     }
-    keys
+    found
 }
 
 /// Reads every record the queue gives out.
