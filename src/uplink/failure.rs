@@ -1,5 +1,5 @@
 //! Why an uplink connection failed, as one value of the closed set
-//! [`UplinkFailure`], derived from the error rumqttc ended the connection with.
+//! [`UplinkFailure`], derived from the [`LinkError`] the connection ended with.
 //!
 //! TLS reasons come from the `rustls::Error` found in the error's source chain. That
 //! chain passes through `std::io::Error`, whose `source()` skips the error it wraps
@@ -9,9 +9,9 @@
 use std::error::Error as StdError;
 use std::io;
 
-use rumqttc::ConnectionError;
 use rustls::{AlertDescription, CertificateError, PeerIncompatible};
 
+use super::link::LinkError;
 use crate::metrics::UplinkFailure;
 use crate::tls::TlsError;
 
@@ -19,8 +19,12 @@ use crate::tls::TlsError;
 const MAX_CHAIN: usize = 16;
 
 /// The reason for `err`. `was_connected`: the broker had accepted the connection
-/// (CONNACK) before it ended; then it was lost, whatever the error.
-pub(crate) fn classify(err: &ConnectionError, was_connected: bool) -> UplinkFailure {
+/// (CONNACK) before it ended; then it was lost, whatever the error, unless the uplink
+/// ended it for a protocol error.
+pub(crate) fn classify(err: &LinkError, was_connected: bool) -> UplinkFailure {
+    if let LinkError::Protocol(_) = err {
+        return UplinkFailure::Protocol;
+    }
     if was_connected {
         return UplinkFailure::Lost;
     }
@@ -28,15 +32,13 @@ pub(crate) fn classify(err: &ConnectionError, was_connected: bool) -> UplinkFail
         return from_rustls(tls);
     }
     match err {
-        ConnectionError::ConnectionRefused(_) => UplinkFailure::Refused,
-        // rumqttc's `Io` before a CONNACK comes only from resolving and connecting
-        // the TCP socket; its connect timeout covers TCP, TLS and the CONNACK.
-        ConnectionError::Io(_) | ConnectionError::NetworkTimeout => UplinkFailure::Unreachable,
+        LinkError::Refused(_) => UplinkFailure::Refused,
+        LinkError::Unreachable(_) | LinkError::ConnectTimeout => UplinkFailure::Unreachable,
         // The TLS layer failed without a rustls error: the broker closed the
         // connection during the handshake, or the server name is unusable.
-        ConnectionError::Tls(_) => UplinkFailure::TlsOther,
-        ConnectionError::NotConnAck(_) => UplinkFailure::Protocol,
-        _ => UplinkFailure::Lost,
+        LinkError::Tls(_) => UplinkFailure::TlsOther,
+        LinkError::Protocol(_) => UplinkFailure::Protocol,
+        LinkError::Io(_) | LinkError::Closed | LinkError::PingTimeout => UplinkFailure::Lost,
     }
 }
 
@@ -103,15 +105,14 @@ fn from_rustls(err: &rustls::Error) -> UplinkFailure {
 mod tests {
     use std::sync::Arc;
 
-    use rumqttc::ConnectReturnCode;
+    use rumqttc::mqttbytes::v4::ConnectReturnCode;
 
     use super::*;
 
-    /// How rumqttc reports a failed TLS handshake: its TLS error wrapping the
-    /// `io::Error` tokio-rustls made of the rustls error.
-    fn handshake_error(err: rustls::Error) -> ConnectionError {
-        let io = io::Error::new(io::ErrorKind::InvalidData, err);
-        ConnectionError::Tls(rumqttc::TlsError::Io(io))
+    /// How a failed TLS handshake arrives: the `io::Error` tokio-rustls made of the
+    /// rustls error.
+    fn handshake_error(err: rustls::Error) -> LinkError {
+        LinkError::Tls(io::Error::new(io::ErrorKind::InvalidData, err))
     }
 
     #[test]
@@ -138,17 +139,17 @@ mod tests {
     }
 
     #[test]
-    fn an_alert_read_after_the_handshake_is_found_through_the_mqtt_layers() {
+    fn an_alert_read_after_the_handshake_is_found_in_the_read_error() {
         // TLS 1.3: the broker checks the client certificate after the client finished,
-        // so its alert arrives while rumqttc reads the CONNACK.
+        // so its alert arrives while the CONNACK is read.
         let io = io::Error::new(
             io::ErrorKind::InvalidData,
             rustls::Error::AlertReceived(AlertDescription::UnknownCA),
         );
-        let err = ConnectionError::MqttState(rumqttc::StateError::Deserialization(
-            rumqttc::mqttbytes::Error::Io(io),
-        ));
-        assert_eq!(classify(&err, false), UplinkFailure::ClientCertRejected);
+        assert_eq!(
+            classify(&LinkError::Io(io), false),
+            UplinkFailure::ClientCertRejected
+        );
         let version = handshake_error(rustls::Error::AlertReceived(
             AlertDescription::ProtocolVersion,
         ));
@@ -159,28 +160,28 @@ mod tests {
     fn other_errors_map_by_where_they_happened() {
         let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
         assert_eq!(
-            classify(&ConnectionError::Io(refused), false),
+            classify(&LinkError::Unreachable(refused), false),
             UplinkFailure::Unreachable
         );
         assert_eq!(
-            classify(&ConnectionError::NetworkTimeout, false),
+            classify(&LinkError::ConnectTimeout, false),
             UplinkFailure::Unreachable
         );
         assert_eq!(
-            classify(
-                &ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized),
-                false
-            ),
+            classify(&LinkError::Refused(ConnectReturnCode::NotAuthorized), false),
             UplinkFailure::Refused
         );
         let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
         assert_eq!(
-            classify(&ConnectionError::Tls(rumqttc::TlsError::Io(eof)), false),
+            classify(&LinkError::Tls(eof), false),
             UplinkFailure::TlsOther
         );
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
-        let lost = ConnectionError::MqttState(rumqttc::StateError::Io(reset));
-        assert_eq!(classify(&lost, false), UplinkFailure::Lost);
+        assert_eq!(classify(&LinkError::Io(reset), false), UplinkFailure::Lost);
+        assert_eq!(
+            classify(&LinkError::Protocol("expected CONNACK".into()), false),
+            UplinkFailure::Protocol
+        );
         assert_eq!(
             classify(&handshake_error(rustls::Error::DecryptError), true),
             UplinkFailure::Lost,

@@ -1,14 +1,15 @@
 //! Records in flight on one uplink connection, and which to send next.
 //!
-//! rumqttc assigns packet ids inside its event loop, after `publish` returned, so a
-//! record is first `handed` (in order) and becomes `inflight` under a packet id when the
-//! event loop reports `Outgoing::Publish(pkid)`; it is settled by exactly that id's
-//! PUBACK, never by "everything up to". The next records come round-robin from the
+//! Each record sent gets the next packet id of a cycle four times the window long and is
+//! `inflight` under it until exactly that id's PUBACK settles it, never by "everything
+//! up to". If the cycle comes round to an id that is still unacknowledged, the broker
+//! lost an acknowledgement and the connection is ended. The next records come
+//! round-robin from the
 //! devices that have any (per-device FIFO, fairness between devices); records that
 //! waited through an outage are paced, records that arrived since the connection came up
 //! are not.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use tokio::time::Instant;
 
@@ -21,19 +22,24 @@ pub(crate) type Handle = (String, RecordId);
 /// Records of one device read per turn of the round-robin.
 const PER_TURN: usize = 16;
 
-/// Why the packet-id bookkeeping cannot continue on this connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Desync {
-    /// The event loop sent a publish we did not hand it.
-    UnknownPublish(u16),
-    /// A packet id was reused while its record was still unacknowledged.
-    PacketIdReused(u16),
+/// Why a fill of the window stopped the connection.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FillError {
+    /// Reading the queue failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// The packet id due next still carries an unacknowledged record: the broker left it
+    /// unacknowledged for a whole cycle of ids.
+    #[error("the broker left packet id {0} unacknowledged for a whole cycle")]
+    PacketIdStuck(u16),
 }
 
 /// The window of one connection.
 pub(crate) struct Flight {
     window: usize,
-    handed: VecDeque<Handle>,
+    /// Packet ids run 1..=cycle, then start again.
+    cycle: u16,
+    last_pkid: u16,
     inflight: HashMap<u16, Handle>,
     /// Last record handed out per device on this connection.
     cursors: HashMap<String, RecordId>,
@@ -49,7 +55,8 @@ impl Flight {
     pub(crate) fn new(window: usize, drain_rate: u32, connected_at_ms: u64) -> Self {
         Self {
             window: window.max(1),
-            handed: VecDeque::new(),
+            cycle: u16::try_from(window.max(1).saturating_mul(4)).unwrap_or(u16::MAX),
+            last_pkid: 0,
             inflight: HashMap::new(),
             cursors: HashMap::new(),
             next_device: 0,
@@ -59,21 +66,22 @@ impl Flight {
         }
     }
 
-    /// Records handed to the client or in flight.
+    /// Records sent and not yet acknowledged.
     pub(crate) fn outstanding(&self) -> usize {
-        self.handed.len() + self.inflight.len()
+        self.inflight.len()
     }
 
-    /// The event loop wrote the oldest handed record under `pkid`.
-    pub(crate) fn sent(&mut self, pkid: u16) -> Result<(), Desync> {
-        let handle = self
-            .handed
-            .pop_front()
-            .ok_or(Desync::UnknownPublish(pkid))?;
-        if self.inflight.insert(pkid, handle).is_some() {
-            return Err(Desync::PacketIdReused(pkid));
+    /// The next packet id of the cycle, for a SUBSCRIBE or a record.
+    pub(crate) fn next_pkid(&mut self) -> Result<u16, FillError> {
+        self.last_pkid = if self.last_pkid >= self.cycle {
+            1
+        } else {
+            self.last_pkid + 1
+        };
+        if self.inflight.contains_key(&self.last_pkid) {
+            return Err(FillError::PacketIdStuck(self.last_pkid));
         }
-        Ok(())
+        Ok(self.last_pkid)
     }
 
     /// The cloud acknowledged `pkid`: the record it carried, if any.
@@ -81,16 +89,16 @@ impl Flight {
         self.inflight.remove(&pkid)
     }
 
-    /// Picks the next records to send, up to the free window, round-robin over devices.
-    /// `send` hands one record to the client and returns false if it could not.
+    /// Picks the next records to send, up to the free window, round-robin over devices,
+    /// and gives each to `send` with its packet id.
     ///
     /// # Errors
-    /// [`QueueError`] if reading the queue fails.
+    /// [`FillError`] if reading the queue fails or the next packet id is stuck.
     pub(crate) fn fill(
         &mut self,
         queue: &Queue,
-        mut send: impl FnMut(Record) -> bool,
-    ) -> Result<usize, QueueError> {
+        mut send: impl FnMut(u16, Record),
+    ) -> Result<usize, FillError> {
         let devices = queue.devices();
         let mut sent = 0;
         let mut progress = true;
@@ -112,12 +120,11 @@ impl Flight {
                         self.paced_until = Some(self.paced_until.map_or(at, |p| p.min(at)));
                         break;
                     }
+                    let pkid = self.next_pkid()?;
                     let handle = (record.device_id.clone(), record.id);
-                    if !send(record) {
-                        return Ok(sent);
-                    }
                     self.cursors.insert(handle.0.clone(), handle.1);
-                    self.handed.push_back(handle);
+                    self.inflight.insert(pkid, handle);
+                    send(pkid, record);
                     sent += 1;
                     progress = true;
                 }
@@ -135,22 +142,29 @@ mod tests {
     #[test]
     fn settles_by_packet_id_not_by_order() {
         let mut flight = Flight::new(8, 0, 0);
-        flight.handed.push_back(("a".into(), RecordId(1)));
-        flight.handed.push_back(("a".into(), RecordId(2)));
-        flight.sent(7).expect("mapped");
-        flight.sent(8).expect("mapped");
-        assert_eq!(flight.acked(8), Some(("a".into(), RecordId(2))));
-        assert_eq!(flight.acked(8), None);
-        assert_eq!(flight.acked(7), Some(("a".into(), RecordId(1))));
-        assert_eq!(flight.sent(9), Err(Desync::UnknownPublish(9)));
+        for id in [1, 2] {
+            let pkid = flight.next_pkid().expect("free");
+            flight.inflight.insert(pkid, ("a".into(), RecordId(id)));
+        }
+        assert_eq!(flight.acked(2), Some(("a".into(), RecordId(2))));
+        assert_eq!(flight.acked(2), None);
+        assert_eq!(flight.acked(1), Some(("a".into(), RecordId(1))));
+        assert_eq!(flight.outstanding(), 0);
     }
 
     #[test]
-    fn a_reused_packet_id_is_a_desync() {
-        let mut flight = Flight::new(8, 0, 0);
-        flight.handed.push_back(("a".into(), RecordId(1)));
-        flight.handed.push_back(("a".into(), RecordId(2)));
-        flight.sent(1).expect("mapped");
-        assert_eq!(flight.sent(1), Err(Desync::PacketIdReused(1)));
+    fn an_id_left_unacknowledged_for_a_cycle_stops_the_connection() {
+        let mut flight = Flight::new(2, 0, 0);
+        let first = flight.next_pkid().expect("free");
+        flight.inflight.insert(first, ("a".into(), RecordId(1)));
+        // The cycle is 8 ids long: 7 more are free, the 8th after them is `first`.
+        for _ in 0..7 {
+            let pkid = flight.next_pkid().expect("free");
+            assert_ne!(pkid, first);
+        }
+        assert!(matches!(
+            flight.next_pkid(),
+            Err(FillError::PacketIdStuck(id)) if id == first
+        ));
     }
 }

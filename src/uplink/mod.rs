@@ -1,4 +1,5 @@
-//! The E4 uplink: MQTT over mutual TLS 1.3 to the cloud broker (rumqttc + rustls).
+//! The E4 uplink: MQTT over mutual TLS 1.3 to the cloud broker (rumqttc's MQTT codec,
+//! rustls through tokio-rustls).
 //!
 //! The queue, not rumqttc, owns resending: every connection starts from the oldest
 //! unacknowledged record of each device, and a record is deleted only on the cloud's
@@ -7,13 +8,15 @@
 //!
 //! # Layout
 //!
-//! - `connection`: one connection's event handling (publish, settle, downlink).
+//! - `link`: connecting, and packets batched into few TLS records and writes.
+//! - `connection`: one connection's loop (publish, settle, downlink, keep-alive).
 //! - `flight`: the window of records in flight and the fair, paced choice of the next.
 //! - `failure`: why a connection failed, as a label value of the failure metric.
 
 mod connection;
 mod failure;
 mod flight;
+mod link;
 
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
