@@ -108,6 +108,11 @@ struct Args {
     /// Keep the work directory (configs, logs, queues) instead of deleting it.
     #[arg(long)]
     keep: bool,
+    /// Run only the scenarios whose name contains this text, or one of several
+    /// separated by `|` (e.g. "latency" or "16 KiB|latency"), to repeat or profile
+    /// them; the backlog scenario runs if one of them is part of "backlog".
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// Devices that queue the backlog, and devices that publish live during the drain.
@@ -164,9 +169,12 @@ async fn run(args: Args, work: &Path) -> Result<bool> {
     let seconds = args.seconds.unwrap_or(if smoke { 3.0 } else { 10.0 });
     let n_devices = args.devices.unwrap_or(if smoke { 4 } else { 10 });
     let many = args.many_devices.unwrap_or(if smoke { 50 } else { 1000 });
-    let backlog = args
-        .backlog
-        .unwrap_or(if smoke { 20_000 } else { 1_000_000 });
+    let backlog = match &args.only {
+        Some(only) if !only.split('|').any(|part| "backlog".contains(part)) => 0,
+        _ => args
+            .backlog
+            .unwrap_or(if smoke { 20_000 } else { 1_000_000 }),
+    };
     let live_rate = args.live_rate.unwrap_or(if smoke { 200.0 } else { 500.0 });
     let latency_rate = args.latency_rate.unwrap_or(if smoke { 500 } else { 2000 });
     check_binaries(&args)?;
@@ -227,7 +235,10 @@ async fn run(args: Args, work: &Path) -> Result<bool> {
     };
 
     warm_up(&mut bench, &targets, args.window, n_devices).await?;
-    let scenarios = scenarios(seconds, latency_rate, (n_devices, many), args.window);
+    let mut scenarios = scenarios(seconds, latency_rate, (n_devices, many), args.window);
+    if let Some(only) = &args.only {
+        scenarios.retain(|sc| only.split('|').any(|part| sc.name.contains(part)));
+    }
     let (mut ok, all) = run_scenarios(&mut bench, &targets, &scenarios).await?;
     for p in [&mut cloud, &mut blindgate, &mut bridge] {
         p.check_alive()?;
