@@ -31,7 +31,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
-use rumqttc::{Event, Packet, QoS};
+use rumqttc::{Event, Packet};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -265,32 +265,6 @@ fn failures(text: &str, reason: UplinkFailure) -> u64 {
     )
 }
 
-/// A device stores one sealed record in the gateway (its PUBACK means durable).
-async fn store_one_record(pki: &DevPki, gateway: &Gateway) {
-    let paths = &pki.devices[0].1;
-    let tls = common::client_tls(&pki.device_ca.cert, &paths.cert, &paths.key);
-    let (client, mut eventloop) = common::mqtt_client("pump-17", gateway.device_addr().port(), tls);
-    let envelope = common::device_key("pump-17", 1)
-        .seal(e3::Kind::Uplink, 1, b"{\"t\":21.5}")
-        .expect("seal");
-    client
-        .publish("e3/pump-17/up", QoS::AtLeastOnce, false, envelope)
-        .await
-        .expect("publish");
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if let Event::Incoming(Packet::PubAck(_)) =
-                eventloop.poll().await.expect("device connection")
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the gateway acknowledged the record");
-    let _ = client.disconnect().await;
-}
-
 /// Starts the gateway on `plan`, stores a record, waits for `ATTEMPTS` failures of
 /// the uplink and checks that they all have `reason`, that the warning names it, and
 /// that nothing was forwarded.
@@ -303,7 +277,7 @@ async fn assert_refused(
 ) {
     let started = Instant::now();
     let gateway = Gateway::start(plan).await.expect("gateway starts");
-    store_one_record(&setup.pki, &gateway).await;
+    common::store_one_record(&setup.pki, &gateway).await;
     let text = tokio::time::timeout(WAIT, async {
         loop {
             let text = scrape(&gateway).await;
@@ -497,7 +471,7 @@ async fn the_control_broker_is_accepted_and_its_death_counted_as_lost_then_unrea
     let mut plan = s.plan(broker.port);
     plan.uplink.tls = s.uplink_tls(vec![pin], &s.pki.gateway_client);
     let gateway = Gateway::start(plan).await.expect("gateway starts");
-    store_one_record(&s.pki, &gateway).await;
+    common::store_one_record(&s.pki, &gateway).await;
     tokio::time::timeout(WAIT, async {
         while gateway.metrics().forwarded.get() < 1 {
             tokio::time::sleep(Duration::from_millis(20)).await;

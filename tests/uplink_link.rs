@@ -19,39 +19,12 @@ use bytes::BytesMut;
 use common::mosquitto::{TlsMode, require_mosquitto, start_cloud_broker};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, SubAck, SubscribeReasonCode};
-use rumqttc::{Event, Packet as ClientPacket};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(2);
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A device stores one sealed record in the gateway (its PUBACK means durable).
-async fn store_one_record(pki: &blindgate::pki::DevPki, gateway: &Gateway) {
-    let paths = &pki.devices[0].1;
-    let tls = common::client_tls(&pki.device_ca.cert, &paths.cert, &paths.key);
-    let (client, mut eventloop) = common::mqtt_client("pump-17", gateway.device_addr().port(), tls);
-    let envelope = common::device_key("pump-17", 1)
-        .seal(e3::Kind::Uplink, 1, b"{\"t\":21.5}")
-        .expect("seal");
-    client
-        .publish("e3/pump-17/up", QoS::AtLeastOnce, false, envelope)
-        .await
-        .expect("publish");
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if let Event::Incoming(ClientPacket::PubAck(_)) =
-                eventloop.poll().await.expect("device connection")
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the gateway acknowledged the record");
-    let _ = client.disconnect().await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_uplink_pings_and_keeps_its_connection() {
@@ -79,7 +52,7 @@ async fn an_idle_uplink_pings_and_keeps_its_connection() {
         1,
         "one connection throughout"
     );
-    store_one_record(&pki, &gateway).await;
+    common::store_one_record(&pki, &gateway).await;
     tokio::time::timeout(WAIT, async {
         while metrics.forwarded.get() < 1 {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -68,6 +68,38 @@ pub fn mqtt_client(
     AsyncClient::new(options, 64)
 }
 
+/// The first device of `pki` stores one sealed record in `gateway` (its PUBACK means
+/// durable); fails the test if no PUBACK comes within 30 s.
+pub async fn store_one_record(pki: &DevPki, gateway: &blindgate::gateway::Gateway) {
+    let (device, paths) = &pki.devices[0];
+    let tls = client_tls(&pki.device_ca.cert, &paths.cert, &paths.key);
+    let (client, mut eventloop) = mqtt_client(device, gateway.device_addr().port(), tls);
+    let envelope = device_key(device, 1)
+        .seal(e3::Kind::Uplink, 1, b"{\"t\":21.5}")
+        .expect("seal");
+    client
+        .publish(
+            format!("e3/{device}/up"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            envelope,
+        )
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                eventloop.poll().await.expect("device connection")
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the gateway acknowledged the record");
+    let _ = client.disconnect().await;
+}
+
 /// The key of a device, as the device would hold it.
 pub fn device_key(device: &str, key_id: u32) -> e3::DeviceKey {
     e3::DeviceKey::generate(
