@@ -7,6 +7,9 @@
 //! - A broker that answers CONNECT and SUBSCRIBE, then nothing: the gateway's PINGREQ
 //!   comes within a keep-alive period, the gateway ends the connection one period after
 //!   that, counts it as `lost`, and connects again.
+//! - A 64 KiB command (the limit is 5 KiB) is skipped as it arrives, acknowledged to
+//!   the broker and counted as a dropped downlink message; the connection stays up and
+//!   forwards, and the next connection of the same session is not sent it again.
 
 mod common;
 
@@ -183,5 +186,75 @@ async fn a_broker_that_stops_answering_is_left_after_a_keep_alive_period_and_ret
         .expect("the gateway connects again")
         .expect("accept");
     drop(tcp);
+    gateway.stop().await;
+}
+
+/// Failures of any reason, connects, and downlink messages dropped as invalid.
+fn uplink_counts(gateway: &Gateway) -> (u64, u64, u64) {
+    let m = gateway.metrics();
+    let dropped = m.downlink_dropped.with_label_values(&["invalid"]).get();
+    (
+        m.uplink_connection_failures.get(),
+        m.uplink_connects.get(),
+        dropped,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_command_is_acknowledged_counted_and_skipped_on_the_same_connection() {
+    if !require_mosquitto() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = common::dev_pki(dir.path(), &["pump-17"]);
+    let broker = start_cloud_broker(&dir.path().join("broker"), &pki, TlsMode::Tls13MutualAuth);
+    let plan = common::gateway_plan(dir.path(), &pki, broker.port);
+    let limit = plan.uplink.max_envelope + 1024;
+    let gateway = Gateway::start(plan).await.expect("gateway starts");
+    common::wait_uplink_connected(&gateway).await;
+
+    // 64 KiB, QoS 1, for a device of this gateway: far over the limit.
+    let big = vec![0x5a; 64 * 1024];
+    assert!(big.len() > limit);
+    let (ok, out) = common::mosquitto::mosquitto_pub(
+        broker.port,
+        &pki.cloud_ca.cert,
+        &pki.cloud_ingest,
+        "tlsv1.3",
+        "gw/gw-1/e3/pump-17/down",
+        &big,
+    );
+    assert!(ok, "mosquitto_pub: {out}");
+    tokio::time::timeout(WAIT, async {
+        while uplink_counts(&gateway).2 < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the oversized command is counted as dropped");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        uplink_counts(&gateway),
+        (0, 1, 1),
+        "no failure, one connection, dropped once; broker log:\n{}",
+        broker.log()
+    );
+    common::store_one_record(&pki, &gateway).await;
+    tokio::time::timeout(WAIT, async {
+        while gateway.metrics().forwarded.get() < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("forwarded after the oversized command");
+    gateway.stop().await;
+
+    // The broker got its PUBACK: the gateway's next connection (same session) is not
+    // sent the message again.
+    let plan = common::gateway_plan(dir.path(), &pki, broker.port);
+    let gateway = Gateway::start(plan).await.expect("gateway starts again");
+    common::wait_uplink_connected(&gateway).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(uplink_counts(&gateway), (0, 1, 0), "nothing redelivered");
     gateway.stop().await;
 }

@@ -15,12 +15,12 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::flight::{FillError, Flight};
-use super::link::{Link, LinkError, packet_name};
+use super::link::{Frame, Link, LinkError, packet_name};
 use super::{Endpoint, UplinkSettings};
 use crate::clock::now_ms;
 use crate::ingress::DeviceRegistry;
 use crate::ingress::validate::check_downlink;
-use crate::metrics::{Metrics, UplinkFailure};
+use crate::metrics::{DownlinkDrop, Metrics, UplinkFailure};
 use crate::queue::Queue;
 
 /// How long a clean close may take to send what is pending and a DISCONNECT.
@@ -163,7 +163,17 @@ impl Connection<'_> {
         flight: &mut Flight,
         awaiting_pong: &mut bool,
     ) -> Result<(), LinkError> {
-        while let Some(packet) = link.decoded()? {
+        while let Some(frame) = link.decoded()? {
+            let packet = match frame {
+                Frame::Packet(packet) => packet,
+                Frame::OversizePublish { pkid } => {
+                    if let Some(pkid) = pkid {
+                        link.puback(pkid);
+                    }
+                    self.drop_downlink(DownlinkDrop::Invalid, "larger than the largest envelope");
+                    continue;
+                }
+            };
             match packet {
                 Packet::PubAck(ack) => {
                     if let Some((device, id)) = flight.acked(ack.pkid) {
@@ -239,24 +249,27 @@ impl Connection<'_> {
     fn downlink(&self, topic: &str, payload: Bytes) {
         let settings = self.settings;
         let device = settings.down_topic.device_of(topic);
-        let checked = device
-            .ok_or(crate::metrics::DownlinkDrop::Invalid)
-            .and_then(|device| {
-                check_downlink(device, &payload, settings.max_envelope).map(|()| device)
-            });
+        let checked = device.ok_or(DownlinkDrop::Invalid).and_then(|device| {
+            check_downlink(device, &payload, settings.max_envelope).map(|()| device)
+        });
         match checked {
             Ok(device) => self.registry.deliver(device, payload),
-            Err(reason) => {
-                self.metrics
-                    .downlink_dropped
-                    .with_label_values(&[reason.as_str()])
-                    .inc();
-                tracing::warn!(
-                    reason = reason.as_str(),
-                    "cloud sent an invalid downlink message; dropped"
-                );
-            }
+            Err(reason) => self.drop_downlink(reason, "a bad topic or header"),
         }
+    }
+
+    /// Counts and logs a downlink message that is not delivered (acknowledged to the
+    /// broker all the same: sent again, it would be refused again).
+    fn drop_downlink(&self, reason: DownlinkDrop, why: &str) {
+        self.metrics
+            .downlink_dropped
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        tracing::warn!(
+            reason = reason.as_str(),
+            why,
+            "cloud sent an invalid downlink message; dropped"
+        );
     }
 }
 

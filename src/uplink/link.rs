@@ -16,7 +16,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Disconnect, Packet, PingReq, PubAck, Publish, Subscribe,
 };
@@ -93,6 +93,18 @@ pub(crate) struct Inbound {
     reader: ReadHalf<TlsStream<TcpStream>>,
     incoming: BytesMut,
     max_packet: usize,
+    /// Bytes of an oversized PUBLISH still to discard as they arrive.
+    skipping: usize,
+}
+
+/// What the broker sent, decoded.
+pub(crate) enum Frame {
+    /// A packet within the size limit.
+    Packet(Packet),
+    /// A PUBLISH larger than the limit: discarded as it arrives, never held whole.
+    /// `pkid` is set if it was QoS 1 and must be acknowledged, or the broker would send
+    /// it again at every reconnect and the uplink would never stay up.
+    OversizePublish { pkid: Option<u16> },
 }
 
 impl Link {
@@ -130,6 +142,7 @@ impl Link {
                 reader,
                 incoming: BytesMut::with_capacity(READ_CHUNK),
                 max_packet: settings.max_envelope + 1024,
+                skipping: 0,
             },
             session_present: false,
         };
@@ -197,16 +210,21 @@ impl Link {
     }
 
     /// The next whole packet already read, if any.
-    pub(crate) fn decoded(&mut self) -> Result<Option<Packet>, LinkError> {
+    pub(crate) fn decoded(&mut self) -> Result<Option<Frame>, LinkError> {
         self.inbound.decoded()
     }
 
     async fn next_packet(&mut self) -> Result<Packet, LinkError> {
         loop {
-            if let Some(packet) = self.decoded()? {
-                return Ok(packet);
+            match self.decoded()? {
+                Some(Frame::Packet(packet)) => return Ok(packet),
+                Some(Frame::OversizePublish { .. }) => {
+                    return Err(LinkError::Protocol(
+                        "a PUBLISH before the CONNACK".to_owned(),
+                    ));
+                }
+                None => self.inbound.read_more().await?,
             }
-            self.inbound.read_more().await?;
         }
     }
 
@@ -266,12 +284,89 @@ impl Inbound {
     }
 
     /// The next whole packet already read, if any.
-    fn decoded(&mut self) -> Result<Option<Packet>, LinkError> {
+    fn decoded(&mut self) -> Result<Option<Frame>, LinkError> {
+        if self.skipping > 0 {
+            let n = self.skipping.min(self.incoming.len());
+            self.incoming.advance(n);
+            self.skipping -= n;
+            if self.skipping > 0 {
+                return Ok(None);
+            }
+        }
         match Packet::read(&mut self.incoming, self.max_packet) {
-            Ok(packet) => Ok(Some(packet)),
+            Ok(packet) => Ok(Some(Frame::Packet(packet))),
             Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(mqttbytes::Error::PayloadSizeLimitExceeded(_)) => self.oversize(),
             Err(err) => Err(err.into()),
         }
+    }
+
+    /// Starts skipping the oversized packet at the front of `incoming`, once its
+    /// packet id (if any) has arrived.
+    fn oversize(&mut self) -> Result<Option<Frame>, LinkError> {
+        let Some(head) = OversizeHead::parse(&self.incoming)? else {
+            return Ok(None);
+        };
+        self.skipping = head.frame_len;
+        let n = self.skipping.min(self.incoming.len());
+        self.incoming.advance(n);
+        self.skipping -= n;
+        Ok(Some(Frame::OversizePublish { pkid: head.pkid }))
+    }
+}
+
+/// The front of an oversized PUBLISH: its length and packet id.
+struct OversizeHead {
+    frame_len: usize,
+    pkid: Option<u16>,
+}
+
+impl OversizeHead {
+    /// `None` while the bytes up to the packet id have not all arrived.
+    fn parse(bytes: &[u8]) -> Result<Option<Self>, LinkError> {
+        let protocol = |what: &str| LinkError::Protocol(format!("oversized packet: {what}"));
+        let Some(&byte1) = bytes.first() else {
+            return Ok(None);
+        };
+        if byte1 >> 4 != 3 {
+            return Err(protocol("not a PUBLISH"));
+        }
+        // The remaining length: up to four 7-bit groups, least significant first.
+        let mut remaining = 0usize;
+        let mut header_len = 1;
+        loop {
+            let Some(&b) = bytes.get(header_len) else {
+                return Ok(None);
+            };
+            remaining |= usize::from(b & 0x7f) << (7 * (header_len - 1));
+            header_len += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            if header_len > 4 {
+                return Err(protocol("malformed remaining length"));
+            }
+        }
+        let qos = (byte1 >> 1) & 0b11;
+        let pkid = match qos {
+            0 => None,
+            1 => {
+                let at = |i: usize| bytes.get(header_len + i).copied();
+                let (Some(t0), Some(t1)) = (at(0), at(1)) else {
+                    return Ok(None);
+                };
+                let topic_len = usize::from(u16::from_be_bytes([t0, t1]));
+                let (Some(p0), Some(p1)) = (at(2 + topic_len), at(3 + topic_len)) else {
+                    return Ok(None);
+                };
+                Some(u16::from_be_bytes([p0, p1]))
+            }
+            _ => return Err(protocol("QoS 2 on a QoS 1 subscription")),
+        };
+        Ok(Some(Self {
+            frame_len: header_len + remaining,
+            pkid,
+        }))
     }
 }
 
@@ -292,5 +387,53 @@ pub(crate) fn packet_name(packet: &Packet) -> &'static str {
         Packet::PingReq => "PINGREQ",
         Packet::PingResp => "PINGRESP",
         Packet::Disconnect => "DISCONNECT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish_head(qos: u8, remaining: &[u8], topic: &str, pkid: u16) -> Vec<u8> {
+        let mut bytes = vec![0x30 | (qos << 1)];
+        bytes.extend_from_slice(remaining);
+        bytes.extend_from_slice(&u16::try_from(topic.len()).expect("short").to_be_bytes());
+        bytes.extend_from_slice(topic.as_bytes());
+        if qos > 0 {
+            bytes.extend_from_slice(&pkid.to_be_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn an_oversized_publish_head_gives_its_length_and_packet_id() {
+        // Remaining length 2,097,152 = 0x80 0x80 0x80 0x01.
+        let bytes = publish_head(1, &[0x80, 0x80, 0x80, 0x01], "gw/a/down", 7);
+        let head = OversizeHead::parse(&bytes)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(head.frame_len, 5 + 2_097_152);
+        assert_eq!(head.pkid, Some(7));
+        // Every shorter prefix is "not yet".
+        for cut in 0..bytes.len() {
+            assert!(OversizeHead::parse(&bytes[..cut]).expect("valid").is_none());
+        }
+        let qos0 = publish_head(0, &[0xff, 0x7f], "t", 0);
+        let head = OversizeHead::parse(&qos0)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!((head.frame_len, head.pkid), (3 + 16_383, None));
+    }
+
+    #[test]
+    fn an_oversized_packet_that_is_not_a_qos_0_or_1_publish_is_a_protocol_error() {
+        let qos2 = publish_head(2, &[0x80, 0x01], "t", 1);
+        assert!(OversizeHead::parse(&qos2).is_err());
+        assert!(
+            OversizeHead::parse(&[0x90, 0x80, 0x01]).is_err(),
+            "a SUBACK"
+        );
+        let endless = [0x32, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert!(OversizeHead::parse(&endless).is_err());
     }
 }
