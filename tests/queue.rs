@@ -224,6 +224,7 @@ async fn a_queue_an_earlier_release_kept_in_sled_is_moved_into_the_log() {
         }
         db.flush().expect("flush");
     }
+    wait_for_sled_lock(&path);
     let queue = Queue::open(config(&dir)).expect("opens and migrates");
     assert_eq!(queue.counters().migrated.load(Ordering::Relaxed), 3);
     assert!(!path.join("db").exists() && !path.join("conf").exists());
@@ -246,4 +247,16 @@ async fn a_queue_an_earlier_release_kept_in_sled_is_moved_into_the_log() {
         .expect("stored");
     assert!(next.0 > 7);
     queue.close().await.expect("closes");
+}
+
+/// Waits until no sled handle holds the lock on `dir`'s database: sled's background
+/// writes may keep it for a moment after the last `Db` was dropped.
+fn wait_for_sled_lock(dir: &std::path::Path) {
+    use std::time::{Duration, Instant};
+    let db = std::fs::File::open(dir.join("db")).expect("sled's db file");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rustix::fs::flock(&db, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        assert!(Instant::now() < deadline, "sled keeps its lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -234,6 +234,7 @@ mod tests {
             records.insert(&key, b"damaged".as_slice()).expect("insert");
             db.flush().expect("flush");
         }
+        wait_for_sled_lock(dir.path());
         let counters = QueueCounters::default();
         from_sled(&QueueConfig::new(dir.path()), &counters).expect("migrate");
         assert_eq!(counters.migrated.load(Ordering::Relaxed), 3000);
@@ -246,5 +247,18 @@ mod tests {
         })
         .expect("log");
         assert_eq!(ids, (1..=3000).collect::<Vec<_>>());
+    }
+
+    /// Waits until no sled handle holds the lock on `dir`'s database: sled's background
+    /// writes may keep it for a moment after the last `Db` was dropped.
+    fn wait_for_sled_lock(dir: &std::path::Path) {
+        use std::time::{Duration, Instant};
+        let db = std::fs::File::open(dir.join("db")).expect("sled's db file");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rustix::fs::flock(&db, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
+        {
+            assert!(Instant::now() < deadline, "sled keeps its lock");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
