@@ -37,7 +37,37 @@ pub(crate) struct GatewayUse {
     pub(crate) write_bytes: u64,
 }
 
+/// A process counts as quiet below this many CPU seconds per [`SETTLE_WINDOW`].
+const QUIET_CPU: f64 = 0.02;
+const SETTLE_WINDOW: Duration = Duration::from_millis(250);
+/// Longest wait for quiet before a phase starts anyway.
+const SETTLE_MAX: Duration = Duration::from_secs(15);
+
 impl Bench {
+    /// Waits until the cloud broker and the gateways `gateway_pids` are quiet (each
+    /// under 8% of a core over 250 ms, at most 15 s), so that a phase does not pay for
+    /// the one before it: after a 16 KiB phase the cloud broker keeps working for
+    /// seconds, and whichever target came next had its latency measured against a busy
+    /// broker. Returns how long it waited.
+    pub(crate) async fn settle(&self, gateway_pids: &[u32]) -> Duration {
+        let started = Instant::now();
+        let pids: Vec<u32> = std::iter::once(self.cloud_pid)
+            .chain(gateway_pids.iter().copied())
+            .collect();
+        while started.elapsed() < SETTLE_MAX {
+            let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+            tokio::time::sleep(SETTLE_WINDOW).await;
+            let quiet = pids
+                .iter()
+                .zip(&before)
+                .all(|(p, b)| cpu_seconds(*p) - b < QUIET_CPU);
+            if quiet {
+                break;
+            }
+        }
+        started.elapsed()
+    }
+
     /// Runs `phase` against `target` (whose gateway process is `gateway_pid`, if any).
     pub(crate) async fn run_phase(
         &mut self,

@@ -3,6 +3,7 @@
 //! with a few devices and at 256 B with many, and latency at a fixed rate.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 use blindgate::pki::DevPki;
@@ -138,9 +139,17 @@ pub(crate) async fn run_scenarios(
 ) -> Result<(bool, Vec<Vec<PhaseResult>>)> {
     let mut ok = true;
     let mut all = Vec::new();
+    let gateway_pids: Vec<u32> = targets.iter().filter_map(|(_, pid)| *pid).collect();
     for sc in scenarios {
         let mut row = Vec::new();
         for (target, pid) in targets {
+            let waited = bench.settle(&gateway_pids).await;
+            if waited > Duration::from_millis(300) {
+                eprintln!(
+                    "  (waited {:.1} s for the brokers and gateways to be quiet)",
+                    waited.as_secs_f64()
+                );
+            }
             eprintln!(
                 "running: {} against {} ({} s)",
                 sc.name, target.name, sc.phase.seconds
