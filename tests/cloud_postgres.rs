@@ -227,16 +227,6 @@ fn start_ingest(
     metrics
 }
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    tokio::time::timeout(WAIT, async {
-        while !done() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}: not within {WAIT:?}"));
-}
-
 /// Publishes garbage on an uplink topic until each instance refused one: then both
 /// have their shared subscription (the broker drops what no subscriber takes).
 async fn wait_subscribed(injector: &CloudSubscriber, metrics: &[CloudMetrics]) {
@@ -466,16 +456,18 @@ async fn two_instances_sharing_one_database_store_every_message_exactly_once() {
     let repeats = publish_with_duplicates(&devices, &s.injector).await;
     let all: BTreeSet<u64> = (1..=PER_DEVICE).collect();
     for (device, _) in &devices {
-        wait_until(&format!("receipts for every {} message", device.id), || {
-            device.receipted().is_superset(&all)
-        })
+        common::wait_until(
+            &format!("receipts for every {} message", device.id),
+            WAIT,
+            || device.receipted().is_superset(&all),
+        )
         .await;
     }
 
     // Seq 101 after seq 200000 is stale: refused, not stored, no receipt.
     let (first, sealed) = &devices[0];
     first.publish(&sealed.high).await;
-    wait_until("receipt for seq 200000", || {
+    common::wait_until("receipt for seq 200000", WAIT, || {
         first.receipted().contains(&200_000)
     })
     .await;
@@ -486,7 +478,7 @@ async fn two_instances_sharing_one_database_store_every_message_exactly_once() {
             .map(|m| m.rejected(CloudRejection::Stale))
             .sum::<u64>()
     };
-    wait_until("the stale envelope refused", || stale() == 1).await;
+    common::wait_until("the stale envelope refused", WAIT, || stale() == 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let db = s.db.connect().await.expect("connect to the database");

@@ -394,16 +394,6 @@ fn tls_device(pki: &DevPki, gateway: &Gateway, device: &str) -> MqttOptions {
     options
 }
 
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    tokio::time::timeout(WAIT, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_and_cloud_ingest_scrapes_pass_promtool_and_carry_every_family() {
     let Some((world, promtool)) = world(&["pump-17"], false).await else {
@@ -469,14 +459,18 @@ async fn gateway_and_cloud_ingest_scrapes_pass_promtool_and_carry_every_family()
         publishes,
     );
     device.wait_acked().await;
-    wait_until("the cloud acknowledged all six", || {
+    common::wait_until("the cloud acknowledged all six", WAIT, || {
         gateway.metrics().forwarded.get() == 6
     })
     .await;
-    wait_until("the ingest accepted five and refused one duplicate", || {
-        cloud_metrics.accepted.get() == 5
-            && cloud_metrics.rejected(blindgate::cloud::CloudRejection::Duplicate) == 1
-    })
+    common::wait_until(
+        "the ingest accepted five and refused one duplicate",
+        WAIT,
+        || {
+            cloud_metrics.accepted.get() == 5
+                && cloud_metrics.rejected(blindgate::cloud::CloudRejection::Duplicate) == 1
+        },
+    )
     .await;
 
     let text = scrape(metrics_addr).await;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blindgate::gateway::Gateway;
-use blindgate::metrics::UplinkFailure;
+use blindgate::metrics::{DownlinkDrop, UplinkFailure};
 use bytes::BytesMut;
 use common::mosquitto::{TlsMode, require_mosquitto, start_cloud_broker};
 use rumqttc::mqttbytes::QoS;
@@ -56,13 +56,10 @@ async fn an_idle_uplink_pings_and_keeps_its_connection() {
         "one connection throughout"
     );
     common::store_one_record(&pki, &gateway).await;
-    tokio::time::timeout(WAIT, async {
-        while metrics.forwarded.get() < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    common::wait_until("forwarded on the same connection", WAIT, || {
+        metrics.forwarded.get() >= 1
     })
-    .await
-    .expect("forwarded on the same connection");
+    .await;
     assert_eq!(metrics.uplink_connects.get(), 1);
     gateway.stop().await;
 }
@@ -164,17 +161,13 @@ async fn a_broker_that_stops_answering_is_left_after_a_keep_alive_period_and_ret
         "{closed:?}"
     );
     let metrics = gateway.metrics();
-    tokio::time::timeout(WAIT, async {
-        while metrics
+    common::wait_until("counted as lost", WAIT, || {
+        metrics
             .uplink_connection_failures
             .count(UplinkFailure::Lost)
-            < 1
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            >= 1
     })
-    .await
-    .expect("counted as lost");
+    .await;
     assert_eq!(
         metrics.uplink_connection_failures.get(),
         1,
@@ -192,7 +185,10 @@ async fn a_broker_that_stops_answering_is_left_after_a_keep_alive_period_and_ret
 /// Failures of any reason, connects, and downlink messages dropped as invalid.
 fn uplink_counts(gateway: &Gateway) -> (u64, u64, u64) {
     let m = gateway.metrics();
-    let dropped = m.downlink_dropped.with_label_values(&["invalid"]).get();
+    let dropped = m
+        .downlink_dropped
+        .with_label_values(&[DownlinkDrop::Invalid.as_str()])
+        .get();
     (
         m.uplink_connection_failures.get(),
         m.uplink_connects.get(),
@@ -225,13 +221,10 @@ async fn an_oversized_command_is_acknowledged_counted_and_skipped_on_the_same_co
         &big,
     );
     assert!(ok, "mosquitto_pub: {out}");
-    tokio::time::timeout(WAIT, async {
-        while uplink_counts(&gateway).2 < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    common::wait_until("the oversized command is counted as dropped", WAIT, || {
+        uplink_counts(&gateway).2 >= 1
     })
-    .await
-    .expect("the oversized command is counted as dropped");
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         uplink_counts(&gateway),
@@ -240,13 +233,10 @@ async fn an_oversized_command_is_acknowledged_counted_and_skipped_on_the_same_co
         broker.log()
     );
     common::store_one_record(&pki, &gateway).await;
-    tokio::time::timeout(WAIT, async {
-        while gateway.metrics().forwarded.get() < 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    common::wait_until("forwarded after the oversized command", WAIT, || {
+        gateway.metrics().forwarded.get() >= 1
     })
-    .await
-    .expect("forwarded after the oversized command");
+    .await;
     gateway.stop().await;
 
     // The broker got its PUBACK: the gateway's next connection (same session) is not

@@ -186,6 +186,18 @@ pub async fn wait_uplink_connected(gateway: &blindgate::gateway::Gateway) {
     .expect("uplink connected");
 }
 
+/// Polls `condition` every 20 ms until it holds; fails the test, naming `what`, if it
+/// does not within `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    tokio::time::timeout(limit, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not within {limit:?}"));
+}
+
 /// The number in environment variable `var`, if it is set and parses.
 pub fn env_number<T: std::str::FromStr>(var: &str) -> Option<T> {
     std::env::var(var).ok().and_then(|v| v.parse().ok())
