@@ -99,10 +99,15 @@ impl Flight {
         queue: &Queue,
         mut send: impl FnMut(u16, Record),
     ) -> Result<usize, FillError> {
+        self.paced_until = None;
+        if self.outstanding() >= self.window {
+            // Called at every new record; with the window full, the list of devices
+            // (a copy of every name) would be made for nothing.
+            return Ok(0);
+        }
         let devices = queue.devices();
         let mut sent = 0;
         let mut progress = true;
-        self.paced_until = None;
         while progress && self.outstanding() < self.window && !devices.is_empty() {
             progress = false;
             for turn in 0..devices.len() {

@@ -29,7 +29,7 @@ use tokio_rustls::client::TlsStream;
 use super::{Endpoint, UplinkSettings};
 
 /// TCP, TLS and the CONNACK must all complete within this.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Read in chunks of at least this much.
 const READ_CHUNK: usize = 64 * 1024;
