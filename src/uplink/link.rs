@@ -302,15 +302,12 @@ impl Inbound {
     }
 
     /// Starts skipping the oversized packet at the front of `incoming`, once its
-    /// packet id (if any) has arrived.
+    /// packet id (if any) has arrived; the next call to `decoded` discards its bytes.
     fn oversize(&mut self) -> Result<Option<Frame>, LinkError> {
         let Some(head) = OversizeHead::parse(&self.incoming)? else {
             return Ok(None);
         };
         self.skipping = head.frame_len;
-        let n = self.skipping.min(self.incoming.len());
-        self.incoming.advance(n);
-        self.skipping -= n;
         Ok(Some(Frame::OversizePublish { pkid: head.pkid }))
     }
 }
