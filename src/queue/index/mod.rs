@@ -1,7 +1,10 @@
 //! Where each queued record is: per device, its records in id order with their place in
-//! the segment log. In memory only; rebuilt at every open from the log itself.
+//! the segment log (kept compactly, see [`records`]). In memory only; rebuilt at every
+//! open from the log itself.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+mod records;
+
+use std::collections::{BTreeSet, HashMap};
 
 use super::record::RecordId;
 use super::segments::Location;
@@ -16,7 +19,7 @@ pub(super) struct Entry {
 /// One device's records, and what its acknowledgement floor does not cover.
 #[derive(Debug, Default)]
 struct DeviceRecords {
-    entries: VecDeque<Entry>,
+    entries: records::Records,
     /// One above the largest id this device ever had in the queue (0: none).
     next: u64,
     /// Ids taken out while an older record stayed: above the floor, but gone.
@@ -56,15 +59,8 @@ impl Index {
             None => self.devices.entry(device.to_owned()).or_default(),
         };
         records.next = records.next.max(entry.id.0.saturating_add(1));
-        match records.entries.back() {
-            Some(last) if last.id >= entry.id => {
-                let at = records.entries.partition_point(|e| e.id < entry.id);
-                if records.entries.get(at).is_some_and(|e| e.id == entry.id) {
-                    return false;
-                }
-                records.entries.insert(at, entry);
-            }
-            _ => records.entries.push_back(entry),
+        if !records.entries.insert(entry) {
+            return false;
         }
         self.changed = true;
         true
@@ -75,21 +71,17 @@ impl Index {
         let Some(records) = self.devices.get(device) else {
             return Vec::new();
         };
-        let from = after.map_or(0, |after| {
-            records.entries.partition_point(|e| e.id <= after)
-        });
-        records.entries.range(from..).take(limit).copied().collect()
+        records.entries.after(after, limit)
     }
 
     /// Takes a record out; `None` if it is not queued (any more).
     pub(super) fn remove(&mut self, device: &str, id: RecordId) -> Option<Entry> {
         let records = self.devices.get_mut(device)?;
-        let at = records.entries.binary_search_by_key(&id, |e| e.id).ok()?;
-        let entry = records.entries.remove(at)?;
-        if at > 0 {
+        let (entry, oldest) = records.entries.remove(id)?;
+        if !oldest {
             records.gone.insert(id.0);
         } else {
-            let floor = records.entries.front().map_or(records.next, |e| e.id.0);
+            let floor = records.entries.oldest().map_or(records.next, |e| e.id.0);
             records.gone = records.gone.split_off(&floor);
         }
         self.changed = true;
@@ -98,13 +90,13 @@ impl Index {
 
     /// The oldest record of `device`.
     pub(super) fn oldest(&self, device: &str) -> Option<Entry> {
-        self.devices.get(device)?.entries.front().copied()
+        self.devices.get(device)?.entries.oldest()
     }
 
     /// What is gone, per device the index knows.
     pub(super) fn floors(&self) -> impl Iterator<Item = (&str, Floor)> {
         self.devices.iter().map(|(device, records)| {
-            let floor = records.entries.front().map_or(records.next, |e| e.id.0);
+            let floor = records.entries.oldest().map_or(records.next, |e| e.id.0);
             let gone = records.gone.iter().copied().collect();
             (device.as_str(), Floor { floor, gone })
         })
@@ -116,7 +108,7 @@ impl Index {
         let Some(records) = self.devices.get_mut(device) else {
             return;
         };
-        let front = records.entries.front().map_or(records.next, |e| e.id.0);
+        let front = records.entries.oldest().map_or(records.next, |e| e.id.0);
         for &id in floor.gone.iter().filter(|&&id| id >= front) {
             records.gone.insert(id);
             records.next = records.next.max(id.saturating_add(1));
