@@ -237,11 +237,14 @@ impl Ingress {
         shutdown: CancellationToken,
     ) {
         let deadline = Instant::now() + self.shared.settings.connect_timeout;
-        let handshake = self.tls_handshake(acceptor, tcp, peer, deadline).await;
+        // Boxed, as the session below: a task's future is as large as its largest
+        // state, and the handshake's (about 5 KiB with the TLS state inline) would
+        // otherwise stay allocated for the whole life of an idle connection.
+        let handshake = Box::pin(self.tls_handshake(acceptor, tcp, peer, deadline)).await;
         let Some((stream, identity)) = handshake else {
             return;
         };
-        session::run(self.shared, stream, identity, shutdown).await;
+        Box::pin(session::run(self.shared, stream, identity, shutdown)).await;
     }
 
     async fn handle_websocket(
@@ -255,12 +258,12 @@ impl Ingress {
         // One deadline for the TLS handshake and the upgrade together, as TCP has for
         // its handshake; the CONNECT then has the session's own deadline.
         let deadline = Instant::now() + self.shared.settings.connect_timeout;
-        let handshake = self.tls_handshake(acceptor, tcp, peer, deadline).await;
+        let handshake = Box::pin(self.tls_handshake(acceptor, tcp, peer, deadline)).await;
         let Some((stream, identity)) = handshake else {
             return;
         };
         let upgrade = websocket::upgrade(stream, path, self.shared.settings.max_packet);
-        let ws = match tokio::time::timeout_at(deadline, upgrade).await {
+        let ws = match tokio::time::timeout_at(deadline, Box::pin(upgrade)).await {
             Ok(Ok(ws)) => ws,
             Ok(Err(refusal)) => {
                 self.shared.reject(
@@ -282,7 +285,7 @@ impl Ingress {
             shared.reject(reason, what);
         });
         let stream = websocket::MessageStream::new(ws, on_violation);
-        session::run(self.shared, stream, identity, shutdown).await;
+        Box::pin(session::run(self.shared, stream, identity, shutdown)).await;
     }
 
     /// The TLS handshake by `deadline`, and the identities of the verified client

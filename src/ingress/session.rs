@@ -51,10 +51,17 @@ enum Outcome {
     Abandoned,
 }
 
+/// What an idle connection keeps to read into: a PINGREQ or a small reading fits.
+const READ_IDLE: usize = 512;
+/// What a connection whose reads fill its buffer reads into.
+const READ_CHUNK: usize = 4096;
+
 struct Conn<S> {
     reader: ReadHalf<S>,
     writer: WriteHalf<S>,
     inbuf: BytesMut,
+    /// The last read filled all the room there was: more is probably waiting.
+    filled: bool,
     outbuf: BytesMut,
     max_packet: usize,
 }
@@ -74,11 +81,26 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
             if let Some(packet) = self.try_parse()? {
                 return Ok(packet);
             }
-            match self.reader.read_buf(&mut self.inbuf).await {
+            match self.read_more().await {
                 Ok(0) | Err(_) => return Err(CodecError::InsufficientBytes(1)),
                 Ok(_) => {}
             }
         }
+    }
+
+    /// Reads what the device sent. Cancel safe. Most devices are idle most of the
+    /// time, so a connection with nothing left to parse whose last read was short goes
+    /// back to [`READ_IDLE`] bytes; one whose reads fill the buffer gets [`READ_CHUNK`].
+    async fn read_more(&mut self) -> std::io::Result<usize> {
+        if self.filled {
+            self.inbuf.reserve(READ_CHUNK);
+        } else if self.inbuf.is_empty() && self.inbuf.capacity() > READ_IDLE {
+            self.inbuf = BytesMut::with_capacity(READ_IDLE);
+        }
+        let room = self.inbuf.capacity() - self.inbuf.len();
+        let n = self.reader.read_buf(&mut self.inbuf).await?;
+        self.filled = n >= room;
+        Ok(n)
     }
 
     fn queue(&mut self, packet: &Packet) {
@@ -125,7 +147,8 @@ pub(crate) async fn run<S>(
     let mut conn = Conn {
         reader,
         writer,
-        inbuf: BytesMut::with_capacity(4096),
+        inbuf: BytesMut::with_capacity(READ_IDLE),
+        filled: false,
         outbuf: BytesMut::with_capacity(256),
         max_packet: shared.settings.max_packet,
     };
@@ -272,7 +295,7 @@ impl Session {
                         self.settle(conn, pkid, qos, stored);
                     }
                 }
-                read = conn.reader.read_buf(&mut conn.inbuf), if can_read => {
+                read = conn.read_more(), if can_read => {
                     if !matches!(read, Ok(n) if n > 0) {
                         tracing::debug!(device = %self.device, read = ?read.map_err(|e| e.to_string()), "the device closed the connection");
                         // The device left (or the socket broke): finish what is in flight
