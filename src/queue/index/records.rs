@@ -1,11 +1,11 @@
-//! One device's queued records, compactly: 8 bytes a record (12 where a device's frames
-//! differ in length) instead of the 24 of an `(id, Location)` pair in a `VecDeque` that
-//! doubles as it grows.
+//! One device's queued records, compactly: 6 to 12 bytes a record instead of the 24 of
+//! an `(id, Location)` pair in a `VecDeque` that doubles as it grows.
 //!
 //! Records sit in chunks of up to [`CHUNK_LEN`], all in one segment, ids ascending. A
-//! chunk keeps each id as its distance from the chunk's first id and each frame's offset,
-//! in two arrays, and the frames' length once while they are all the same (a sensor's
-//! readings are), else a third array. A record taken out is marked gone in a bitmap until
+//! chunk keeps each id as its distance from the chunk's first id (2 bytes while those
+//! fit, else 4; ids are the queue's, so a device's are further apart the more devices
+//! share the queue) and each frame's offset (4 bytes), and the frames' length once while
+//! they are all the same (a sensor's readings are), else 4 bytes each. A record taken out is marked gone in a bitmap until
 //! its whole chunk is gone, so removal never moves the others; with acknowledgements
 //! arriving about in order, such slots are few and short-lived.
 
@@ -51,6 +51,74 @@ impl Lens {
     }
 }
 
+/// The ids of a chunk, each as its distance from the chunk's first id: 2 bytes while the
+/// distances fit (a few devices sharing the queue), else 4.
+#[derive(Debug)]
+enum Ids {
+    Narrow(Vec<u16>),
+    Wide(Vec<u32>),
+}
+
+impl Ids {
+    fn len(&self) -> usize {
+        match self {
+            Self::Narrow(ids) => ids.len(),
+            Self::Wide(ids) => ids.len(),
+        }
+    }
+
+    fn get(&self, slot: usize) -> u32 {
+        match self {
+            Self::Narrow(ids) => u32::from(ids[slot]),
+            Self::Wide(ids) => ids[slot],
+        }
+    }
+
+    fn last(&self) -> Option<u32> {
+        self.len().checked_sub(1).map(|slot| self.get(slot))
+    }
+
+    fn push(&mut self, delta: u32) {
+        match self {
+            Self::Narrow(ids) => match u16::try_from(delta) {
+                Ok(narrow) => ids.push(narrow),
+                Err(_) => {
+                    let mut wide = Vec::with_capacity(CHUNK_LEN);
+                    wide.extend(ids.iter().map(|&d| u32::from(d)));
+                    wide.push(delta);
+                    *self = Self::Wide(wide);
+                }
+            },
+            Self::Wide(ids) => ids.push(delta),
+        }
+    }
+
+    /// The slot holding `delta`.
+    fn find(&self, delta: u32) -> Option<usize> {
+        match self {
+            Self::Narrow(ids) => ids.binary_search(&u16::try_from(delta).ok()?).ok(),
+            Self::Wide(ids) => ids.binary_search(&delta).ok(),
+        }
+    }
+
+    /// The first slot whose distance is above `delta`.
+    fn after(&self, delta: u32) -> usize {
+        match self {
+            Self::Narrow(ids) => ids.partition_point(|&d| u32::from(d) <= delta),
+            Self::Wide(ids) => ids.partition_point(|&d| d <= delta),
+        }
+    }
+
+    /// Bytes held.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Narrow(ids) => 2 * ids.capacity(),
+            Self::Wide(ids) => 4 * ids.capacity(),
+        }
+    }
+}
+
 /// Up to [`CHUNK_LEN`] records of one segment, ids ascending.
 #[derive(Debug)]
 struct Chunk {
@@ -62,7 +130,7 @@ struct Chunk {
     /// Slots still live.
     live: u32,
     /// Each slot's id, as its distance from `base`.
-    ids: Vec<u32>,
+    ids: Ids,
     offsets: Vec<u32>,
     lens: Lens,
     /// One bit a slot: the record is gone.
@@ -76,7 +144,7 @@ impl Chunk {
             segment: entry.at.segment,
             head: 0,
             live: 0,
-            ids: Vec::new(),
+            ids: Ids::Narrow(Vec::new()),
             offsets: Vec::new(),
             lens: Lens::Same(entry.at.len),
             gone: [0; CHUNK_LEN / 64],
@@ -86,7 +154,7 @@ impl Chunk {
     }
 
     fn last_id(&self) -> u64 {
-        self.base + u64::from(*self.ids.last().expect("a chunk is never empty"))
+        self.base + u64::from(self.ids.last().expect("a chunk is never empty"))
     }
 
     /// Whether `entry`, with an id above every id here, can go at the end.
@@ -114,7 +182,7 @@ impl Chunk {
 
     fn entry(&self, slot: usize) -> Entry {
         Entry {
-            id: RecordId(self.base + u64::from(self.ids[slot])),
+            id: RecordId(self.base + u64::from(self.ids.get(slot))),
             at: Location {
                 segment: self.segment,
                 offset: self.offsets[slot],
@@ -126,7 +194,7 @@ impl Chunk {
     /// The slot holding `id`, live or gone.
     fn slot_of(&self, id: u64) -> Option<usize> {
         let delta = u32::try_from(id.checked_sub(self.base)?).ok()?;
-        self.ids.binary_search(&delta).ok()
+        self.ids.find(delta)
     }
 
     /// The first slot whose id is above `id`.
@@ -134,7 +202,7 @@ impl Chunk {
         match id.checked_sub(self.base).map(u32::try_from) {
             None => 0,
             Some(Err(_)) => self.ids.len(),
-            Some(Ok(delta)) => self.ids.partition_point(|&d| d <= delta),
+            Some(Ok(delta)) => self.ids.after(delta),
         }
     }
 
@@ -286,8 +354,9 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        /// Insert the id this far above the newest (0: a random earlier id).
+        /// Insert the id this far above the newest; a new segment if the second is 0.
         Append(u64, u32),
+        /// Insert an id at or below the newest (if it is not there), in segment 1 to 3.
         Earlier(u64, u32),
         Remove(u64),
         After(u64, usize),
@@ -295,10 +364,13 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            6 => (1..3_000u64, 0..3u32).prop_map(|(d, s)| Op::Append(d, s)),
-            1 => (0..200_000u64, 0..3u32).prop_map(|(i, s)| Op::Earlier(i, s)),
-            4 => (0..200_000u64).prop_map(Op::Remove),
-            2 => (0..200_000u64, 0..600usize).prop_map(|(i, l)| Op::After(i, l)),
+            // Mostly close ids (few devices), sometimes far apart (many), and now and
+            // then a new segment: chunks fill up, widen their ids, and end.
+            12 => (1..40u64, 0..60u32).prop_map(|(d, s)| Op::Append(d, s)),
+            1 => (1..300_000u64, 0..60u32).prop_map(|(d, s)| Op::Append(d, s)),
+            1 => (0..2_000_000u64, 0..3u32).prop_map(|(i, s)| Op::Earlier(i, s)),
+            6 => (0..2_000_000u64).prop_map(Op::Remove),
+            2 => (0..2_000_000u64, 0..600usize).prop_map(|(i, l)| Op::After(i, l)),
         ]
     }
 
@@ -315,7 +387,7 @@ mod tests {
                 match op {
                     Op::Append(delta, bump) => {
                         newest += delta;
-                        segment += bump / 2;
+                        segment += u32::from(bump == 0);
                         let e = entry(newest, segment);
                         prop_assert!(records.insert(e));
                         model.insert(newest, e);
@@ -329,7 +401,19 @@ mod tests {
                         newest = newest.max(id);
                     }
                     Op::Remove(i) => {
-                        let id = i % (newest + 1);
+                        let nth = |n: u64| {
+                            let n = usize::try_from(n).expect("small");
+                            model.keys().nth(n).copied().unwrap_or(0)
+                        };
+                        let len = model.len().max(1) as u64;
+                        let id = match i % 3 {
+                            // Any id, often not queued.
+                            0 => i / 3 % (newest + 1),
+                            // Any record.
+                            1 => nth(i / 3 % len),
+                            // One of the oldest, as acknowledgements come.
+                            _ => nth(i / 3 % len.min(8)),
+                        };
                         let oldest = model.keys().next().copied();
                         let want = model.remove(&id).map(|e| (e, oldest == Some(id)));
                         prop_assert_eq!(records.remove(RecordId(id)), want);
@@ -349,18 +433,19 @@ mod tests {
         }
     }
 
-    /// Bytes held by a million records of ten devices interleaved, and the chunks.
-    fn a_million(len: impl Fn(u64) -> u32) -> (usize, usize) {
+    /// Bytes held by a million records of one of `devices` devices whose records
+    /// alternate, and the chunks.
+    fn a_million(devices: u64, len: impl Fn(u64) -> u32) -> (usize, usize) {
         let mut records = Records::default();
         for n in 0..1_000_000u64 {
             let segment = 1 + u32::try_from(n / 200_000).expect("small");
-            let mut e = entry(n * 10, segment);
+            let mut e = entry(n * devices, segment);
             e.at.len = len(n);
             records.insert(e);
         }
         let mut bytes = records.chunks.len() * size_of::<super::Chunk>();
         for chunk in &records.chunks {
-            bytes += 4 * (chunk.ids.capacity() + chunk.offsets.capacity());
+            bytes += chunk.ids.bytes() + 4 * chunk.offsets.capacity();
             if let super::Lens::Each(lens) = &chunk.lens {
                 bytes += 4 * lens.capacity();
             }
@@ -369,19 +454,26 @@ mod tests {
     }
 
     #[test]
-    fn a_record_takes_8_bytes_or_12_if_lengths_differ() {
+    fn a_record_takes_6_to_12_bytes() {
         // One more chunk at each of the four changes of segment, at most.
         let most_chunks = 1_000_000usize.div_ceil(CHUNK_LEN) + 4;
-        let (same, chunks) = a_million(|_| 301);
-        assert!(
-            same < 8_600_000 && chunks <= most_chunks,
-            "{same} B, {chunks}"
-        );
-        let (each, chunks) = a_million(|n| 300 + u32::try_from(n % 7).expect("small"));
-        assert!(
-            each < 12_600_000 && chunks <= most_chunks,
-            "{each} B, {chunks}"
-        );
+        let varied = |n: u64| 300 + u32::try_from(n % 7).expect("small");
+        for (devices, same_len, most) in [
+            (10, true, 6_600_000),
+            (10, false, 10_600_000),
+            (1000, true, 8_600_000),
+            (1000, false, 12_600_000),
+        ] {
+            let (bytes, chunks) = if same_len {
+                a_million(devices, |_| 301)
+            } else {
+                a_million(devices, varied)
+            };
+            assert!(
+                bytes < most && chunks <= most_chunks,
+                "{devices} devices, same length {same_len}: {bytes} B, {chunks} chunks"
+            );
+        }
     }
 
     #[test]
