@@ -283,16 +283,29 @@ async fn commands_wait_for_an_offline_device_and_subscriptions_stay_in_its_own_t
     assert_eq!(publish.topic, "e3/pump-17/down");
     assert_eq!(publish.payload.to_vec(), command);
     assert_eq!(gw.rejected(Rejection::SubscribeNotAllowed), 1);
-    // rumqttc sends the PUBACK on its next poll; keep polling in the background.
+    // More than the session's window (16) while the device does not read: two
+    // buffers full (10 each here) leave some waiting, which each PUBACK makes room for.
+    for seq in 2..22u64 {
+        let more = key.seal(e3::Kind::Command, seq, b"step").expect("seal");
+        gw.registry.deliver("pump-17", Bytes::from(more));
+        if seq == 11 {
+            while gw.registry.pending("pump-17") > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(gw.registry.pending("pump-17") > 0, "the window is full");
+    // rumqttc sends the PUBACKs on its next polls; keep polling in the background.
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     let delivered = async {
-        while gw.metrics.downlink_delivered.get() != 1 {
+        while gw.metrics.downlink_delivered.get() != 21 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     tokio::time::timeout(Duration::from_secs(10), delivered)
         .await
-        .expect("device PUBACK counted as delivered");
+        .expect("every command's PUBACK counted as delivered");
     assert_eq!(gw.registry.pending("pump-17"), 0);
     gw.stop.cancel();
 }

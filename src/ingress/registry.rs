@@ -2,29 +2,28 @@
 //!
 //! One session per device: a new connection with the same identity takes over and the
 //! old one is closed (as MQTT requires for a client id). A command or receipt for a
-//! device that is connected and subscribed goes straight to its session; otherwise it
-//! waits in a bounded per-device buffer (oldest dropped and counted when full) and is
-//! delivered after the device subscribes again. Messages a session had not got a
-//! PUBACK for when it ended go back to the front of the buffer.
+//! device waits in a bounded per-device buffer (oldest dropped and counted when full);
+//! a connected, subscribed session is woken and takes what its window has room for.
+//! Messages a session had not got a PUBACK for when it ended go back to the front of
+//! the buffer. A session holds a `Notify`, not a channel: most devices get a command
+//! now and then, and a channel's block is about 1.5 KiB per connection.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{DownlinkDrop, Metrics};
-
-/// Downlink messages buffered per session channel; more wait in the registry.
-const SESSION_CHANNEL: usize = 16;
 
 /// What a new session gets from the registry.
 pub struct SessionSlot {
     /// Identifies this session to the registry (takeover and unregister).
     pub session: u64,
-    /// Downlink messages for this device, once it subscribed.
-    pub downlink: mpsc::Receiver<Bytes>,
+    /// Woken when downlink messages wait for this device, once it subscribed: take them
+    /// with [`DeviceRegistry::take`].
+    pub wake: Arc<Notify>,
     /// Cancelled when another connection takes the device over.
     pub kicked: CancellationToken,
 }
@@ -36,7 +35,7 @@ struct Entry {
 
 struct Live {
     id: u64,
-    tx: mpsc::Sender<Bytes>,
+    wake: Arc<Notify>,
     kicked: CancellationToken,
     subscribed: bool,
 }
@@ -55,7 +54,7 @@ struct State {
 }
 
 impl DeviceRegistry {
-    /// A registry holding at most `pending_limit` messages per offline device.
+    /// A registry holding at most `pending_limit` messages per device.
     pub fn new(pending_limit: usize, metrics: Metrics) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State::default()),
@@ -70,7 +69,7 @@ impl DeviceRegistry {
 
     /// Registers a new session for `device`, closing any earlier one.
     pub fn register(&self, device: &str) -> SessionSlot {
-        let (tx, downlink) = mpsc::channel(SESSION_CHANNEL);
+        let wake = Arc::new(Notify::new());
         let kicked = CancellationToken::new();
         let mut state = self.state();
         state.next_session += 1;
@@ -84,7 +83,7 @@ impl DeviceRegistry {
             });
         if let Some(old) = entry.session.replace(Live {
             id: session,
-            tx,
+            wake: Arc::clone(&wake),
             kicked: kicked.clone(),
             subscribed: false,
         }) {
@@ -92,7 +91,7 @@ impl DeviceRegistry {
         }
         SessionSlot {
             session,
-            downlink,
+            wake,
             kicked,
         }
     }
@@ -105,13 +104,28 @@ impl DeviceRegistry {
         };
         if let Some(live) = entry.session.as_mut().filter(|l| l.id == session) {
             live.subscribed = true;
-            while let Some(message) = entry.pending.pop_front() {
-                if let Err(err) = live.tx.try_send(message) {
-                    entry.pending.push_front(err.into_inner());
-                    break;
-                }
+            if !entry.pending.is_empty() {
+                live.wake.notify_one();
             }
         }
+    }
+
+    /// Up to `room` messages waiting for `device`, oldest first, if `session` is its
+    /// subscribed session.
+    pub fn take(&self, device: &str, session: u64, room: usize) -> Vec<Bytes> {
+        let mut state = self.state();
+        let Some(entry) = state.devices.get_mut(device) else {
+            return Vec::new();
+        };
+        if !entry
+            .session
+            .as_ref()
+            .is_some_and(|l| l.id == session && l.subscribed)
+        {
+            return Vec::new();
+        }
+        let n = room.min(entry.pending.len());
+        entry.pending.drain(..n).collect()
     }
 
     /// The session ended; `undelivered` (no PUBACK yet) go back to the front of the
@@ -136,7 +150,8 @@ impl DeviceRegistry {
         }
     }
 
-    /// Hands a command or receipt (already checked) to `device`'s session, or buffers it.
+    /// Buffers a command or receipt (already checked) for `device`, and wakes its
+    /// session if it is subscribed.
     pub fn deliver(&self, device: &str, message: Bytes) {
         let mut state = self.state();
         let entry = state
@@ -146,24 +161,14 @@ impl DeviceRegistry {
                 session: None,
                 pending: VecDeque::new(),
             });
-        let message = match entry.session.as_ref().filter(|l| l.subscribed) {
-            Some(live) if entry.pending.is_empty() => match live.tx.try_send(message) {
-                Ok(()) => return,
-                Err(err) => err.into_inner(),
-            },
-            _ => message,
-        };
         entry.pending.push_back(message);
         if entry.pending.len() > self.pending_limit {
             entry.pending.pop_front();
             self.count_drop();
         }
-    }
-
-    /// Moves buffered messages into the session's channel as room appears; a
-    /// subscribed session calls it after each delivery.
-    pub fn refill(&self, device: &str, session: u64) {
-        self.subscribed(device, session);
+        if let Some(live) = entry.session.as_ref().filter(|l| l.subscribed) {
+            live.wake.notify_one();
+        }
     }
 
     fn count_drop(&self) {
@@ -171,7 +176,7 @@ impl DeviceRegistry {
             .downlink_dropped
             .with_label_values(&[DownlinkDrop::PendingFull.as_str()])
             .inc();
-        tracing::warn!("downlink buffer of an offline device is full; dropped its oldest message");
+        tracing::warn!("downlink buffer of a device is full; dropped its oldest message");
     }
 
     /// Messages waiting for `device`.
@@ -192,25 +197,30 @@ mod tests {
         let registry = DeviceRegistry::new(3, Metrics::new());
         registry.deliver("d", Bytes::from_static(b"1"));
         registry.deliver("d", Bytes::from_static(b"2"));
-        let mut slot = registry.register("d");
-        assert!(slot.downlink.try_recv().is_err(), "not subscribed yet");
+        let slot = registry.register("d");
+        assert!(
+            registry.take("d", slot.session, 10).is_empty(),
+            "not subscribed yet"
+        );
         registry.subscribed("d", slot.session);
-        assert_eq!(slot.downlink.recv().await.as_deref(), Some(&b"1"[..]));
+        slot.wake.notified().await;
+        assert_eq!(registry.take("d", slot.session, 1), [&b"1"[..]]);
         registry.deliver("d", Bytes::from_static(b"3"));
-        // The session ends without PUBACKs: it hands back what it sent and what is
-        // still in its channel, in order.
-        let mut undelivered = vec![Bytes::from_static(b"1")];
-        slot.downlink.close();
-        while let Ok(message) = slot.downlink.try_recv() {
-            undelivered.push(message);
-        }
-        registry.unregister("d", slot.session, undelivered);
+        // The session ends without PUBACKs: it hands back what it sent; the rest is
+        // still in the buffer, after it.
+        registry.unregister("d", slot.session, vec![Bytes::from_static(b"1")]);
         assert_eq!(registry.pending("d"), 3);
-        let mut again = registry.register("d");
+        let again = registry.register("d");
+        assert!(
+            registry.take("d", slot.session, 10).is_empty(),
+            "an ended session"
+        );
         registry.subscribed("d", again.session);
-        for expected in [b"1", b"2", b"3"] {
-            assert_eq!(again.downlink.recv().await.as_deref(), Some(&expected[..]));
-        }
+        again.wake.notified().await;
+        assert_eq!(
+            registry.take("d", again.session, 10),
+            [&b"1"[..], &b"2"[..], &b"3"[..]]
+        );
     }
 
     #[test]

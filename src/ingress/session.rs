@@ -339,9 +339,7 @@ impl Session {
                         return;
                     }
                 }
-                Some(message) = self.slot.downlink.recv(), if can_send => {
-                    self.send_downlink(conn, message);
-                }
+                () = self.slot.wake.notified(), if can_send => self.send_waiting(conn),
                 () = sleep_until(retry_at.unwrap_or(idle_deadline)), if retry_at.is_some() => {}
                 () = sleep_until(idle_deadline), if can_read && !self.keep_alive.is_zero() => {
                     tracing::info!(device = %self.device, "keep-alive expired; closing");
@@ -387,7 +385,7 @@ impl Session {
     ) -> Next {
         match packet {
             Packet::Publish(publish) => return self.on_publish(publish).await,
-            Packet::PubAck(ack) => self.on_downlink_ack(ack.pkid),
+            Packet::PubAck(ack) => self.on_downlink_ack(conn, ack.pkid),
             Packet::Subscribe(subscribe) => {
                 let codes = subscribe
                     .filters
@@ -551,21 +549,29 @@ impl Session {
         self.downlink_out.push_back((self.next_pkid, message));
     }
 
-    fn on_downlink_ack(&mut self, pkid: u16) {
+    /// Sends what waits in the registry for this device, as far as the window allows.
+    fn send_waiting<S: AsyncRead + AsyncWrite>(&mut self, conn: &mut Conn<S>) {
+        let room = DOWNLINK_INFLIGHT.saturating_sub(self.downlink_out.len());
+        if !self.subscribed || room == 0 {
+            return;
+        }
+        let registry = Arc::clone(&self.shared.registry);
+        for message in registry.take(&self.device, self.slot.session, room) {
+            self.send_downlink(conn, message);
+        }
+    }
+
+    fn on_downlink_ack<S: AsyncRead + AsyncWrite>(&mut self, conn: &mut Conn<S>, pkid: u16) {
         if let Some(at) = self.downlink_out.iter().position(|(id, _)| *id == pkid) {
             self.downlink_out.remove(at);
             self.shared.metrics.downlink_delivered.inc();
-            self.shared.registry.refill(&self.device, self.slot.session);
+            self.send_waiting(conn);
         }
     }
 
     /// Hands every downlink message this session still holds back to the registry.
     fn finish(mut self) {
-        let mut undelivered: Vec<Bytes> = self.downlink_out.drain(..).map(|(_, m)| m).collect();
-        self.slot.downlink.close();
-        while let Ok(message) = self.slot.downlink.try_recv() {
-            undelivered.push(message);
-        }
+        let undelivered: Vec<Bytes> = self.downlink_out.drain(..).map(|(_, m)| m).collect();
         self.shared
             .registry
             .unregister(&self.device, self.slot.session, undelivered);
