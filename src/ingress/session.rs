@@ -152,7 +152,8 @@ where
         writer,
         inbuf: BytesMut::with_capacity(READ_IDLE),
         filled: false,
-        outbuf: BytesMut::with_capacity(256),
+        // Grows to what a turn of the loop writes (PUBACKs, a downlink message).
+        outbuf: BytesMut::new(),
         max_packet: shared.settings.max_packet,
     };
     run_split(shared, conn, identity, shutdown)
