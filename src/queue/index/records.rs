@@ -15,9 +15,16 @@ use super::Entry;
 use crate::queue::record::RecordId;
 use crate::queue::segments::Location;
 
-/// Records per chunk: 2 to 3 KiB of slots; a chunk's own overhead is under 1 byte a
-/// record.
+/// Records per chunk: 1.5 to 3 KiB of slots when full; a chunk's own overhead is then
+/// under 1 byte a record. (1,024 saved 0.3 MiB of 32 for 1,000,000 records, within the
+/// runs' spread; the rebuild of a chunk for an out-of-order record moves 4 times more.)
 const CHUNK_LEN: usize = 256;
+
+/// The capacity for `n` slots when an array starts part way: the next power of two, as
+/// the chunk's other arrays have grown to, so that a full chunk holds no spare room.
+fn room_for(n: usize) -> usize {
+    n.next_power_of_two().min(CHUNK_LEN)
+}
 
 /// The frames' lengths of a chunk.
 #[derive(Debug)]
@@ -41,7 +48,7 @@ impl Lens {
         match self {
             Self::Same(same) if *same == len => {}
             Self::Same(same) => {
-                let mut lens = Vec::with_capacity(CHUNK_LEN);
+                let mut lens = Vec::with_capacity(room_for(slot + 1));
                 lens.resize(slot, *same);
                 lens.push(len);
                 *self = Self::Each(lens);
@@ -83,7 +90,7 @@ impl Ids {
             Self::Narrow(ids) => match u16::try_from(delta) {
                 Ok(narrow) => ids.push(narrow),
                 Err(_) => {
-                    let mut wide = Vec::with_capacity(CHUNK_LEN);
+                    let mut wide = Vec::with_capacity(room_for(ids.len() + 1));
                     wide.extend(ids.iter().map(|&d| u32::from(d)));
                     wide.push(delta);
                     *self = Self::Wide(wide);
