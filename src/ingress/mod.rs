@@ -167,7 +167,7 @@ impl Ingress {
     /// Accepts plain MQTT connections (lab use; identity is the client id).
     pub async fn serve_plain(&self, listener: TcpListener, shutdown: CancellationToken) {
         self.accept_loop(listener, shutdown, |ingress, tcp, _peer, stop| async move {
-            boxed_session(ingress.shared, tcp, Identity::ClientId, stop).await;
+            session::run(ingress.shared, tcp, Identity::ClientId, stop).await;
         })
         .await;
     }
@@ -251,7 +251,7 @@ impl Ingress {
             let Some((stream, identity)) = handshake else {
                 return;
             };
-            boxed_session(self.shared, stream, identity, shutdown)
+            session::run(self.shared, stream, identity, shutdown)
         };
         session.await;
     }
@@ -277,7 +277,7 @@ impl Ingress {
                 shared.reject(reason, what);
             });
             let stream = websocket::MessageStream::new(ws, on_violation);
-            boxed_session(self.shared, stream, identity, shutdown)
+            session::run(self.shared, stream, identity, shutdown)
         };
         session.await;
     }
@@ -317,8 +317,8 @@ impl Ingress {
     }
 
     /// The TLS handshake by `deadline`, and the identities of the verified client
-    /// certificate; `None` (counted, logged) if it fails. Boxed (see [`boxed_session`]):
-    /// with the TLS state inline it is about 1.5 KiB.
+    /// certificate; `None` (counted, logged) if it fails. Boxed, for the reason
+    /// [`session::run`] is: with the TLS state inline it is about 1.5 KiB.
     fn tls_handshake(
         &self,
         acceptor: TlsAcceptor,
@@ -352,21 +352,4 @@ impl Ingress {
             Some((stream, Identity::Certificate(identities)))
         })
     }
-}
-
-/// A device session as a boxed future, made in a plain function. A connection's task
-/// future is as large as its largest state; with the session (about 2.8 KiB) and the
-/// handshake inline it was 5.8 KiB for the whole life of an idle connection. Boxing inside
-/// an `async fn` does not help: rustc keeps room for the unboxed temporary in the
-/// caller's state.
-fn boxed_session<S>(
-    shared: Arc<Shared>,
-    stream: S,
-    identity: Identity,
-    shutdown: CancellationToken,
-) -> Pin<Box<impl Future<Output = ()> + Send>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
-{
-    Box::pin(session::run(shared, stream, identity, shutdown))
 }

@@ -134,15 +134,20 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
     }
 }
 
-/// Runs one connection to the end. A plain function: the stream (with its TLS state,
-/// about 1.2 KiB) moves into the split's shared half here, instead of also keeping its
-/// room in the future for the connection's whole life, as an `async fn`'s argument does.
+/// Runs one connection to the end, as a boxed future.
+///
+/// A connection's task future is as large as its largest state for the connection's
+/// whole life, so what only the start needs must not stay in it. Hence a plain function:
+/// the stream (with its TLS state, about 1.2 KiB) moves into the split's shared half
+/// here, where an `async fn` would keep room for its argument throughout. And boxed here:
+/// boxed by the caller inside an `async fn`, rustc would still keep room for the unboxed
+/// temporary in the caller's state.
 pub(crate) fn run<S>(
     shared: Arc<Shared>,
     stream: S,
     identity: Identity,
     shutdown: CancellationToken,
-) -> impl Future<Output = ()> + Send
+) -> Pin<Box<impl Future<Output = ()> + Send>>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -156,7 +161,7 @@ where
         outbuf: BytesMut::new(),
         max_packet: shared.settings.max_packet,
     };
-    run_split(shared, conn, identity, shutdown)
+    Box::pin(run_split(shared, conn, identity, shutdown))
 }
 
 async fn run_split<S>(
@@ -556,8 +561,11 @@ impl Session {
         if !self.subscribed || room == 0 {
             return;
         }
-        let registry = Arc::clone(&self.shared.registry);
-        for message in registry.take(&self.device, self.slot.session, room) {
+        for message in self
+            .shared
+            .registry
+            .take(&self.device, self.slot.session, room)
+        {
             self.send_downlink(conn, message);
         }
     }
