@@ -28,6 +28,7 @@ pub struct SessionSlot {
     pub kicked: CancellationToken,
 }
 
+#[derive(Default)]
 struct Entry {
     session: Option<Live>,
     pending: VecDeque<Bytes>,
@@ -74,13 +75,7 @@ impl DeviceRegistry {
         let mut state = self.state();
         state.next_session += 1;
         let session = state.next_session;
-        let entry = state
-            .devices
-            .entry(device.to_owned())
-            .or_insert_with(|| Entry {
-                session: None,
-                pending: VecDeque::new(),
-            });
+        let entry = state.devices.entry(device.to_owned()).or_default();
         if let Some(old) = entry.session.replace(Live {
             id: session,
             wake: Arc::clone(&wake),
@@ -154,13 +149,7 @@ impl DeviceRegistry {
     /// session if it is subscribed.
     pub fn deliver(&self, device: &str, message: Bytes) {
         let mut state = self.state();
-        let entry = state
-            .devices
-            .entry(device.to_owned())
-            .or_insert_with(|| Entry {
-                session: None,
-                pending: VecDeque::new(),
-            });
+        let entry = state.devices.entry(device.to_owned()).or_default();
         entry.pending.push_back(message);
         if entry.pending.len() > self.pending_limit {
             entry.pending.pop_front();
