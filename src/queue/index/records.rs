@@ -5,9 +5,10 @@
 //! chunk keeps each id as its distance from the chunk's first id (2 bytes while those
 //! fit, else 4; ids are the queue's, so a device's are further apart the more devices
 //! share the queue) and each frame's offset (4 bytes), and the frames' length once while
-//! they are all the same (a sensor's readings are), else 4 bytes each. A record taken out is marked gone in a bitmap until
-//! its whole chunk is gone, so removal never moves the others; with acknowledgements
-//! arriving about in order, such slots are few and short-lived.
+//! they are all the same (a sensor's readings are), else 4 bytes each. A record taken
+//! out is marked gone in a bitmap until its whole chunk is gone, so removal never moves
+//! the others; with acknowledgements arriving about in order, such slots are few and
+//! short-lived.
 
 use std::collections::VecDeque;
 
