@@ -267,10 +267,11 @@ async fn idle_memory(
     tokio::time::sleep(spec.settle).await;
     let m = Memory::of(pid);
     eprintln!(
-        "  {} idle devices connected to {}: RSS {:.1} MiB",
+        "  {} idle devices connected to {}: RSS {:.1} MiB ({:.1} MiB of it file pages)",
         conns.len(),
         target.name,
-        m.rss_mib()
+        m.rss_mib(),
+        m.file_mib()
     );
     drop(conns);
     Ok(m)

@@ -63,6 +63,12 @@ pub(crate) fn render_backlog(results: &[BacklogResult], idle_devices: usize) -> 
         "<= 32",
     );
     row(
+        "  of which file pages: code, libraries (MiB)",
+        &|r| Some(r.memory_idle_backlog.file_mib()),
+        1,
+        "",
+    );
+    row(
         "peak RSS before the restarts, VmHWM (MiB)",
         &|r| Some(r.memory_idle_backlog.hwm_mib()),
         1,
@@ -186,7 +192,7 @@ pub(crate) fn render_backlog(results: &[BacklogResult], idle_devices: usize) -> 
 
 /// The JSON of the scenario (one object per gateway, by name).
 pub(crate) fn backlog_json(results: &[BacklogResult]) -> Value {
-    let mem = |m: Memory| json!({"rss_mib": m.rss_mib(), "hwm_mib": m.hwm_mib()});
+    let mem = |m: Memory| json!({"rss_mib": m.rss_mib(), "hwm_mib": m.hwm_mib(), "file_mib": m.file_mib()});
     results
         .iter()
         .map(|r| {

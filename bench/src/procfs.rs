@@ -18,11 +18,14 @@ pub(crate) fn write_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Resident memory of a process: now (`VmRSS`) and at its peak so far (`VmHWM`), KiB.
+/// Resident memory of a process, KiB: now (`VmRSS`), at its peak so far (`VmHWM`), and
+/// the part of now that is mapped from files (`RssFile`: the binary's code and data
+/// pages, shared libraries) rather than anonymous (heap, stacks).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Memory {
     pub(crate) rss_kib: u64,
     pub(crate) hwm_kib: u64,
+    pub(crate) file_kib: u64,
 }
 
 impl Memory {
@@ -31,11 +34,16 @@ impl Memory {
         Self {
             rss_kib: field(&status, "VmRSS:").unwrap_or(0),
             hwm_kib: field(&status, "VmHWM:").unwrap_or(0),
+            file_kib: field(&status, "RssFile:").unwrap_or(0),
         }
     }
 
     pub(crate) fn rss_mib(self) -> f64 {
         self.rss_kib as f64 / 1024.0
+    }
+
+    pub(crate) fn file_mib(self) -> f64 {
+        self.file_kib as f64 / 1024.0
     }
 
     pub(crate) fn hwm_mib(self) -> f64 {

@@ -25,8 +25,6 @@ use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Metrics, Rejection};
 use crate::queue::Queue;
+use crate::tls::TlsServerStream;
 use crate::topics::TopicTemplate;
 pub use registry::DeviceRegistry;
 pub use websocket::WebSocketListen;
@@ -158,7 +157,7 @@ impl Ingress {
         shutdown: CancellationToken,
     ) {
         self.accept_loop(listener, shutdown, move |ingress, tcp, peer, stop| {
-            let acceptor = TlsAcceptor::from(Arc::clone(&tls.borrow()));
+            let acceptor = Arc::clone(&tls.borrow());
             async move { ingress.handle_tls(acceptor, tcp, peer, stop).await }
         })
         .await;
@@ -184,7 +183,7 @@ impl Ingress {
     ) {
         let path: Arc<str> = path.into();
         self.accept_loop(listener, shutdown, move |ingress, tcp, peer, stop| {
-            let acceptor = TlsAcceptor::from(Arc::clone(&tls.borrow()));
+            let acceptor = Arc::clone(&tls.borrow());
             let path = Arc::clone(&path);
             async move {
                 ingress
@@ -238,7 +237,7 @@ impl Ingress {
 
     async fn handle_tls(
         self,
-        acceptor: TlsAcceptor,
+        acceptor: Arc<ServerConfig>,
         tcp: TcpStream,
         peer: SocketAddr,
         shutdown: CancellationToken,
@@ -258,7 +257,7 @@ impl Ingress {
 
     async fn handle_websocket(
         self,
-        acceptor: TlsAcceptor,
+        acceptor: Arc<ServerConfig>,
         tcp: TcpStream,
         peer: SocketAddr,
         path: &str,
@@ -286,12 +285,12 @@ impl Ingress {
     /// (counted, logged) if either fails. Boxed, as [`Ingress::tls_handshake`].
     fn websocket_handshake<'a>(
         &'a self,
-        acceptor: TlsAcceptor,
+        acceptor: Arc<ServerConfig>,
         tcp: TcpStream,
         peer: SocketAddr,
         path: &'a str,
         deadline: Instant,
-    ) -> Pin<Box<impl Future<Output = Accepted<WebSocketStream<TlsStream<TcpStream>>>> + Send + 'a>>
+    ) -> Pin<Box<impl Future<Output = Accepted<WebSocketStream<TlsServerStream>>> + Send + 'a>>
     {
         Box::pin(async move {
             let (stream, identity) = self.tls_handshake(acceptor, tcp, peer, deadline).await?;
@@ -321,30 +320,31 @@ impl Ingress {
     /// [`session::run`] is: with the TLS state inline it is about 1.5 KiB.
     fn tls_handshake(
         &self,
-        acceptor: TlsAcceptor,
+        acceptor: Arc<ServerConfig>,
         tcp: TcpStream,
         peer: SocketAddr,
         deadline: Instant,
-    ) -> Pin<Box<impl Future<Output = Accepted<TlsStream<TcpStream>>> + Send + '_>> {
+    ) -> Pin<Box<impl Future<Output = Accepted<TlsServerStream>> + Send + '_>> {
         Box::pin(async move {
-            let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(err)) => {
-                    self.shared.reject(
-                        Rejection::TlsHandshake,
-                        format!("device TLS handshake from {peer} failed: {err}"),
-                    );
-                    return None;
-                }
-                Err(_) => {
-                    self.shared
-                        .reject(Rejection::TlsHandshake, "device TLS handshake timed out");
-                    return None;
-                }
-            };
+            let stream =
+                match tokio::time::timeout_at(deadline, TlsServerStream::accept(acceptor, tcp))
+                    .await
+                {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => {
+                        self.shared.reject(
+                            Rejection::TlsHandshake,
+                            format!("device TLS handshake from {peer} failed: {err}"),
+                        );
+                        return None;
+                    }
+                    Err(_) => {
+                        self.shared
+                            .reject(Rejection::TlsHandshake, "device TLS handshake timed out");
+                        return None;
+                    }
+                };
             let identities = stream
-                .get_ref()
-                .1
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(|cert| crate::tls::certificate_identities(cert).ok())

@@ -8,6 +8,8 @@
 //!   certificate, CA and host name validation, optional SPKI SHA-256 pins on top.
 //! - [`certificate_identities`], [`identity_matches`], [`not_after`], [`spki_sha256`]:
 //!   what the gateway reads from a certificate.
+//! - [`TlsServerStream`]: a device's connection, on rustls's unbuffered API so that an
+//!   idle one holds no buffer.
 //! - [`load_certs`], [`load_private_key`], [`load_root_store`]: PEM files.
 //! - [`pkcs11`] and [`uplink_client_config_with_token`]: the uplink's key in a PKCS#11
 //!   token instead of a file.
@@ -20,6 +22,7 @@ mod identity;
 mod pem;
 pub mod pkcs11;
 mod server;
+mod server_stream;
 
 use std::io;
 use std::path::PathBuf;
@@ -31,6 +34,7 @@ pub use client::{
 pub use identity::{certificate_identities, identity_matches, not_after, spki_sha256};
 pub use pem::{load_certs, load_private_key, load_root_store};
 pub use server::{device_server_config, device_server_config_with_token};
+pub use server_stream::TlsServerStream;
 
 /// What can go wrong while loading TLS material or building a configuration.
 #[derive(Debug, thiserror::Error)]
