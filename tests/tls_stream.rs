@@ -1,15 +1,19 @@
 //! The device side's TLS stream ([`TlsServerStream`], rustls's unbuffered API) against
 //! tokio-rustls clients over real loopback sockets: data of every size both ways, a
-//! key update, both ways of closing, and no buffer held while idle.
+//! key update, both ways of closing, a resumed session that keeps the device's
+//! identity, and no buffer held while idle.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use blindgate::pki::{DevPkiOptions, generate_dev_pki};
 use blindgate::tls::{
-    CipherOrder, TlsServerStream, UplinkTlsOptions, device_server_config, uplink_client_config,
+    CipherOrder, TlsServerStream, UplinkTlsOptions, certificate_identities, device_server_config,
+    uplink_client_config,
 };
 use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, HandshakeKind, ServerConfig};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
@@ -17,8 +21,14 @@ use tokio_rustls::client::TlsStream;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-/// A server stream and the client connected to it, both past the handshake.
-async fn pair() -> (TlsServerStream, TlsStream<TcpStream>, tempfile::TempDir) {
+/// The device listener's and a device's TLS configurations from a fresh dev PKI.
+struct Configs {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    _dir: tempfile::TempDir,
+}
+
+fn configs() -> Configs {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = generate_dev_pki(&DevPkiOptions {
         out_dir: dir.path().join("pki"),
@@ -27,10 +37,10 @@ async fn pair() -> (TlsServerStream, TlsStream<TcpStream>, tempfile::TempDir) {
     })
     .expect("dev PKI");
     let listener = &pki.gateway_devices;
-    let server_config = device_server_config(&pki.device_ca.cert, &listener.cert, &listener.key)
+    let server = device_server_config(&pki.device_ca.cert, &listener.cert, &listener.key)
         .expect("device listener config");
     let device = &pki.devices[0].1;
-    let client_config = uplink_client_config(&UplinkTlsOptions {
+    let client = uplink_client_config(&UplinkTlsOptions {
         ca: pki.device_ca.cert.clone(),
         cert: device.cert.clone(),
         key: device.key.clone(),
@@ -38,16 +48,26 @@ async fn pair() -> (TlsServerStream, TlsStream<TcpStream>, tempfile::TempDir) {
         cipher_order: CipherOrder::Auto,
     })
     .expect("client config");
+    Configs {
+        server,
+        client,
+        _dir: dir,
+    }
+}
 
+/// A server stream and the client connected to it, both past the handshake; the
+/// server has the client's certificate.
+async fn connect(configs: &Configs) -> (TlsServerStream, TlsStream<TcpStream>) {
     let tcp_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = tcp_listener.local_addr().expect("addr");
+    let server_config = Arc::clone(&configs.server);
     let server = tokio::spawn(async move {
         let (tcp, _) = tcp_listener.accept().await?;
         TlsServerStream::accept(server_config, tcp).await
     });
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from("localhost").expect("name");
-    let client = TlsConnector::from(client_config)
+    let client = TlsConnector::from(Arc::clone(&configs.client))
         .connect(name, tcp)
         .await
         .expect("client handshake");
@@ -55,8 +75,18 @@ async fn pair() -> (TlsServerStream, TlsStream<TcpStream>, tempfile::TempDir) {
         .await
         .expect("server task")
         .expect("server handshake");
-    assert!(server.peer_certificates().is_some_and(|c| !c.is_empty()));
-    (server, client, dir)
+    let identities = server
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|cert| certificate_identities(cert).expect("identities"));
+    assert_eq!(identities, Some(vec!["pump-17".to_owned()]));
+    (server, client)
+}
+
+async fn pair() -> (TlsServerStream, TlsStream<TcpStream>, Configs) {
+    let configs = configs();
+    let (server, client) = connect(&configs).await;
+    (server, client, configs)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -85,7 +115,7 @@ async fn echo(server: &mut TlsServerStream, total: usize) -> io::Result<()> {
 #[tokio::test]
 async fn data_of_every_size_crosses_both_ways_intact() {
     let run = async {
-        let (mut server, client, _dir) = pair().await;
+        let (mut server, client, _configs) = pair().await;
         let (mut rd, mut wr) = tokio::io::split(client);
         for (i, len) in [1, 100, 16_383, 16_384, 16_385, 100_000, 300_001]
             .into_iter()
@@ -116,7 +146,7 @@ async fn data_of_every_size_crosses_both_ways_intact() {
 #[tokio::test]
 async fn data_keeps_flowing_after_the_client_updates_its_keys() {
     let run = async {
-        let (mut server, mut client, _dir) = pair().await;
+        let (mut server, mut client, _configs) = pair().await;
         for round in 0..3u8 {
             client
                 .get_mut()
@@ -138,7 +168,7 @@ async fn data_keeps_flowing_after_the_client_updates_its_keys() {
 #[tokio::test]
 async fn close_notify_reads_as_end_of_file_and_a_bare_fin_as_an_error() {
     let run = async {
-        let (mut server, mut client, _dir) = pair().await;
+        let (mut server, mut client, _configs) = pair().await;
         client.write_all(b"last words").await.expect("write");
         client.shutdown().await.expect("close_notify");
         let mut got = Vec::new();
@@ -156,7 +186,7 @@ async fn close_notify_reads_as_end_of_file_and_a_bare_fin_as_an_error() {
             .expect("client clean EOF");
         assert!(rest.is_empty());
 
-        let (mut server, client, _dir) = pair().await;
+        let (mut server, client, _configs) = pair().await;
         // FIN without close_notify (the socket stays open, so no reset).
         let mut tcp = client.into_inner().0;
         tcp.shutdown().await.expect("FIN");
@@ -172,7 +202,7 @@ async fn close_notify_reads_as_end_of_file_and_a_bare_fin_as_an_error() {
 #[tokio::test]
 async fn a_connection_waiting_for_data_holds_no_buffer() {
     let run = async {
-        let (mut server, mut client, _dir) = pair().await;
+        let (mut server, mut client, _configs) = pair().await;
         let sent = pattern(70_000, 7);
         client.write_all(&sent).await.expect("write");
         client.flush().await.expect("flush");
@@ -190,6 +220,30 @@ async fn a_connection_waiting_for_data_holds_no_buffer() {
         let mut got = [0u8; 5];
         server.read_exact(&mut got).await.expect("read again");
         assert_eq!(&got, b"again");
+    };
+    tokio::time::timeout(DEADLINE, run).await.expect("in time");
+}
+
+#[tokio::test]
+async fn a_resumed_session_still_identifies_the_device() {
+    let run = async {
+        let configs = configs();
+        for round in 0..3 {
+            let (mut server, mut client) = connect(&configs).await;
+            let kind = client.get_ref().1.handshake_kind();
+            let expected = if round == 0 {
+                HandshakeKind::Full
+            } else {
+                HandshakeKind::Resumed
+            };
+            assert_eq!(kind, Some(expected), "round {round}");
+            // The session tickets arrive with the first data the client reads.
+            server.write_all(b"hi").await.expect("write");
+            server.flush().await.expect("flush");
+            let mut got = [0u8; 2];
+            client.read_exact(&mut got).await.expect("read");
+            client.shutdown().await.expect("close");
+        }
     };
     tokio::time::timeout(DEADLINE, run).await.expect("in time");
 }
