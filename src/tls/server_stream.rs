@@ -38,7 +38,7 @@ pub struct TlsServerStream {
     conn: UnbufferedServerConnection,
     /// Ciphertext read and not yet processed (at most one partial record after
     /// processing).
-    incoming: Vec<u8>,
+    incoming: Incoming,
     /// Decrypted application data from `plain_at` on is not yet read.
     plaintext: Vec<u8>,
     plain_at: usize,
@@ -83,7 +83,7 @@ impl TlsServerStream {
         let mut stream = Self {
             tcp,
             conn,
-            incoming: Vec::new(),
+            incoming: Incoming::default(),
             plaintext: Vec::new(),
             plain_at: 0,
             outgoing: Vec::new(),
@@ -104,7 +104,7 @@ impl TlsServerStream {
     /// Bytes of buffer room the stream holds now (ciphertext, plaintext, outgoing):
     /// zero for a connection waiting with nothing in flight.
     pub fn buffer_capacity(&self) -> usize {
-        self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
+        self.incoming.buf.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -149,7 +149,7 @@ impl TlsServerStream {
         if processed.is_err() {
             self.failed = true;
             self.encode_alert();
-            self.incoming = Vec::new();
+            self.incoming = Incoming::default();
         }
         processed
     }
@@ -158,7 +158,7 @@ impl TlsServerStream {
     /// something queued: processing input again would queue a second alert.
     fn encode_alert(&mut self) {
         while self.conn.wants_write() {
-            let status = self.conn.process_tls_records(&mut self.incoming);
+            let status = self.conn.process_tls_records(self.incoming.unprocessed());
             let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state else {
                 return;
             };
@@ -173,12 +173,12 @@ impl TlsServerStream {
 
     fn process_records(&mut self, mut send: Option<Encrypt<'_>>) -> io::Result<(Step, bool)> {
         loop {
-            let status = self.conn.process_tls_records(&mut self.incoming);
+            let status = self.conn.process_tls_records(self.incoming.unprocessed());
             let discard = status.discard;
             let state = match status.state {
                 Ok(state) => state,
                 Err(err) => {
-                    self.incoming.drain(..discard);
+                    self.incoming.discard(discard);
                     return Err(invalid_data(err));
                 }
             };
@@ -236,7 +236,7 @@ impl TlsServerStream {
                     ));
                 }
             };
-            self.incoming.drain(..discard);
+            self.incoming.discard(discard);
             if let Some(outcome) = outcome {
                 return Ok(outcome);
             }
@@ -246,38 +246,25 @@ impl TlsServerStream {
     /// Reads from the socket into `incoming`: at least [`READ_SIZE`], or the rest of a
     /// larger record already begun. `Ready(Ok(0))` is end of file.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let want = READ_SIZE.max(self.record_remaining());
+        let want = READ_SIZE.max(self.incoming.record_remaining());
         loop {
             if let Err(err) = ready!(self.tcp.poll_read_ready(cx)) {
                 return Poll::Ready(Err(err));
             }
-            let start = self.incoming.len();
-            self.incoming.resize(start + want, 0);
-            let read = self.tcp.try_read(&mut self.incoming[start..]);
-            self.incoming.truncate(start + *read.as_ref().unwrap_or(&0));
-            match read {
+            match self.tcp.try_read(self.incoming.room(want)) {
+                Ok(n) => {
+                    self.incoming.filled(n);
+                    return Poll::Ready(Ok(n));
+                }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => self.release_idle(),
-                other => return Poll::Ready(other),
+                Err(err) => return Poll::Ready(Err(err)),
             }
-        }
-    }
-
-    /// Bytes still missing from the partial record at the front of `incoming`.
-    fn record_remaining(&self) -> usize {
-        match self.incoming.get(..RECORD_HEADER) {
-            Some(header) => {
-                let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-                (RECORD_HEADER + len).saturating_sub(self.incoming.len())
-            }
-            None => 0,
         }
     }
 
     /// Gives back the buffers that are empty: the connection is about to wait.
     fn release_idle(&mut self) {
-        if self.incoming.is_empty() {
-            self.incoming = Vec::new();
-        }
+        self.incoming.release_if_empty();
         if self.plain_at == self.plaintext.len() {
             self.plaintext = Vec::new();
             self.plain_at = 0;
@@ -296,6 +283,67 @@ impl TlsServerStream {
         self.outgoing = Vec::new();
         self.out_at = 0;
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Ciphertext from the socket: `buf[start..end]` is not yet processed. Processing
+/// discards from the front; reading appends at the end, moving what is left to the
+/// front or growing only when there is no room, so bytes are zeroed once, not per read.
+#[derive(Default)]
+struct Incoming {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Incoming {
+    fn unprocessed(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.end]
+    }
+
+    /// rustls is done with the first `n` unprocessed bytes.
+    fn discard(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Room for `want` more bytes after the unprocessed ones.
+    fn room(&mut self, want: usize) -> &mut [u8] {
+        if self.buf.len() - self.end < want && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < want {
+            self.buf.resize(self.end + want, 0);
+        }
+        &mut self.buf[self.end..self.end + want]
+    }
+
+    /// `n` bytes were read into [`Incoming::room`].
+    fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// Bytes still missing from the partial record at the front.
+    fn record_remaining(&self) -> usize {
+        let pending = &self.buf[self.start..self.end];
+        match pending.get(..RECORD_HEADER) {
+            Some(header) => {
+                let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+                (RECORD_HEADER + len).saturating_sub(pending.len())
+            }
+            None => 0,
+        }
+    }
+
+    fn release_if_empty(&mut self) {
+        if self.start == self.end {
+            *self = Self::default();
+        }
     }
 }
 
