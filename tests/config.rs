@@ -182,6 +182,7 @@ fn defaults_equal_the_documented_ones() {
         "gw/{gateway_id}/e3/{device_id}/down"
     );
     assert_eq!(cloud.drain_rate, 2000);
+    assert_eq!(cloud.drain_inflight, 64);
     assert_eq!(cloud.ready_max_ack_age, Duration::from_secs(60));
     assert_eq!(cloud.endpoints[0].port, 8883);
 
@@ -306,6 +307,26 @@ fn backoff_max_shorter_than_backoff_min_is_rejected() {
     );
     let defaulted_max = config_text("", "", "backoff_min = \"5m\"", "");
     only_diagnostic(&defaulted_max, "cloud.backoff_max");
+}
+
+#[test]
+fn drain_inflight_is_a_share_of_inflight() {
+    let text = config_text("", "", "inflight = 100\ndrain_inflight = 200", "");
+    let diagnostic = only_diagnostic(&text, "cloud.drain_inflight");
+    assert_eq!(
+        diagnostic.message,
+        "drain_inflight 200 is more than inflight 100"
+    );
+    let share = parse(&config_text(
+        "",
+        "",
+        "inflight = 100\ndrain_inflight = 25",
+        "",
+    ))
+    .expect("a share of inflight is valid");
+    assert_eq!(share.cloud.drain_inflight, 25);
+    let whole = parse(&config_text("", "", "inflight = 100", "")).expect("valid");
+    assert_eq!(whole.cloud.drain_inflight, 100, "default: all of it");
 }
 
 #[test]

@@ -196,6 +196,9 @@ pub struct CloudSection {
     /// Most backlog records sent per second after an outage; live traffic is not
     /// limited by it. Default: `2000`.
     pub drain_rate: u32,
+    /// Of `inflight`, how many may be backlog records (1..=inflight), so live records
+    /// are not queued behind a whole window of them. Default: `inflight`.
+    pub drain_inflight: u16,
     /// Readiness fails if records wait and no cloud ack came for this long.
     /// Default: `60s`.
     pub ready_max_ack_age: Duration,

@@ -85,6 +85,7 @@ pub(super) struct RawCloud {
     pub(super) up_topic: Opt<String>,
     pub(super) down_topic: Opt<String>,
     pub(super) drain_rate: Opt<Count>,
+    pub(super) drain_inflight: Opt<Count>,
     pub(super) ready_max_ack_age: Opt<HumanDuration>,
 }
 

@@ -426,6 +426,8 @@ pub(super) fn cloud_section(
         DEFAULT_DRAIN_RATE,
         count_in(1..=1_000_000),
     );
+    // 0 stands for "not given": the whole window.
+    let drain_inflight = optional!(s, raw.drain_inflight, 0, count_in(1..=65_535));
     let ready_max_ack_age = optional!(
         s,
         raw.ready_max_ack_age,
@@ -438,6 +440,11 @@ pub(super) fn cloud_section(
     if let (Some(up), Some(down)) = (&up_topic, &down_topic) {
         check_topics_differ(&mut s, up, down);
     }
+    let drain_inflight = match (drain_inflight, inflight) {
+        (Some(0), Some(window)) => Some(window),
+        (Some(drain), Some(window)) => check_drain_inflight(&mut s, drain, window),
+        _ => None,
+    };
     let gateway_id = gateway_id?;
     let client_id = client_id.map(|id| {
         if id.is_empty() {
@@ -461,6 +468,7 @@ pub(super) fn cloud_section(
         up_topic: bind_topic(&up_topic?, gateway_id)?,
         down_topic: bind_topic(&down_topic?, gateway_id)?,
         drain_rate: drain_rate?,
+        drain_inflight: drain_inflight?,
         ready_max_ack_age: ready_max_ack_age?,
     })
 }
@@ -482,6 +490,19 @@ pub(super) fn cloud_endpoints(
         }
         _ => s.list("endpoints", raw, endpoint),
     }
+}
+
+/// `drain_inflight` is a share of `inflight`, so at most it.
+fn check_drain_inflight(s: &mut Section<'_, '_>, drain: u16, window: u16) -> Option<u16> {
+    if drain > window {
+        let problem = Problem::new(format!(
+            "drain_inflight {drain} is more than inflight {window}"
+        ))
+        .hint("drain_inflight is the part of inflight backlog records may take");
+        s.conflict("drain_inflight", problem);
+        return None;
+    }
+    Some(drain)
 }
 
 pub(super) fn check_backoff_order(s: &mut Section<'_, '_>, min: Duration, max: Duration) {

@@ -119,6 +119,7 @@ impl GatewayPlan {
                 down_topic: cloud.down_topic.clone(),
                 max_envelope,
                 drain_rate: cloud.drain_rate,
+                drain_window: usize::from(cloud.drain_inflight),
             },
             downlink_pending_per_device: devices.downlink_pending_per_device,
             metrics_listen: config.metrics.listen,

@@ -100,7 +100,7 @@ impl Connection<'_> {
         reconnect: &Notify,
     ) -> Ended {
         let s = self.settings;
-        let mut flight = Flight::new(s.window, s.drain_rate, now_ms());
+        let mut flight = Flight::new(s.window, s.drain_window, s.drain_rate, now_ms());
         // `uplink_connected` goes to 1 at the SUBACK: from then on a command the cloud
         // sends reaches this gateway.
         match flight.next_pkid() {

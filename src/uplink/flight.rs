@@ -7,9 +7,11 @@
 //! round-robin from the
 //! devices that have any (per-device FIFO, fairness between devices); records that
 //! waited through an outage are paced, records that arrived since the connection came up
-//! are not.
+//! are not. The backlog may also fill only part of the window (`drain_window`): a live
+//! record then waits behind at most that many in the cloud broker's queue, not a whole
+//! window of them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 
@@ -34,13 +36,27 @@ pub(crate) enum FillError {
     PacketIdStuck(u16),
 }
 
+/// Whether a record in flight waited through an outage (the backlog) or arrived while
+/// the connection was up (live).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Backlog,
+    Live,
+}
+
 /// The window of one connection.
 pub(crate) struct Flight {
     window: usize,
     /// Packet ids run 1..=cycle, then start again.
     cycle: u16,
     last_pkid: u16,
-    inflight: HashMap<u16, Handle>,
+    inflight: HashMap<u16, (Handle, Origin)>,
+    /// Of the window, how many records in flight may be backlog, and how many are.
+    drain_window: usize,
+    backlog_outstanding: usize,
+    /// Devices whose next record is backlog held back by `drain_window`: not read
+    /// again until the backlog in flight drops below it.
+    held_for_window: HashSet<String>,
     /// Last record handed out per device on this connection.
     cursors: HashMap<String, RecordId>,
     next_device: usize,
@@ -52,9 +68,17 @@ pub(crate) struct Flight {
 }
 
 impl Flight {
-    pub(crate) fn new(window: usize, drain_rate: u32, connected_at_ms: u64) -> Self {
+    pub(crate) fn new(
+        window: usize,
+        drain_window: usize,
+        drain_rate: u32,
+        connected_at_ms: u64,
+    ) -> Self {
         Self {
             window: window.max(1),
+            drain_window: drain_window.clamp(1, window.max(1)),
+            backlog_outstanding: 0,
+            held_for_window: HashSet::new(),
             cycle: u16::try_from(window.max(1).saturating_mul(4)).unwrap_or(u16::MAX),
             last_pkid: 0,
             inflight: HashMap::new(),
@@ -86,7 +110,11 @@ impl Flight {
 
     /// The cloud acknowledged `pkid`: the record it carried, if any.
     pub(crate) fn acked(&mut self, pkid: u16) -> Option<Handle> {
-        self.inflight.remove(&pkid)
+        let (handle, origin) = self.inflight.remove(&pkid)?;
+        if origin == Origin::Backlog {
+            self.backlog_outstanding -= 1;
+        }
+        Some(handle)
     }
 
     /// Picks the next records to send, up to the free window, round-robin over devices,
@@ -105,6 +133,9 @@ impl Flight {
             // (a copy of every name) would be made for nothing.
             return Ok(0);
         }
+        if self.backlog_outstanding < self.drain_window {
+            self.held_for_window.clear();
+        }
         let devices = queue.devices();
         let mut sent = 0;
         let mut progress = true;
@@ -116,19 +147,34 @@ impl Flight {
                     break;
                 }
                 let device = &devices[(self.next_device + turn) % devices.len()];
+                if self.held_for_window.contains(device) {
+                    continue;
+                }
                 let after = self.cursors.get(device).copied();
                 for record in queue.read_device(device, after, room.min(PER_TURN))? {
-                    if record.arrival_ms < self.backlog_before_ms
-                        && let Err(wait) = self.pacing.try_take(Instant::now())
-                    {
-                        let at = Instant::now() + wait;
-                        self.paced_until = Some(self.paced_until.map_or(at, |p| p.min(at)));
-                        break;
+                    let origin = if record.arrival_ms < self.backlog_before_ms {
+                        Origin::Backlog
+                    } else {
+                        Origin::Live
+                    };
+                    if origin == Origin::Backlog {
+                        // The rest of this device's turn is backlog too (FIFO); its
+                        // acknowledgement, or the pacing's wait, brings the next fill.
+                        if self.backlog_outstanding >= self.drain_window {
+                            self.held_for_window.insert(record.device_id);
+                            break;
+                        }
+                        if let Err(wait) = self.pacing.try_take(Instant::now()) {
+                            let at = Instant::now() + wait;
+                            self.paced_until = Some(self.paced_until.map_or(at, |p| p.min(at)));
+                            break;
+                        }
+                        self.backlog_outstanding += 1;
                     }
                     let pkid = self.next_pkid()?;
                     let handle = (record.device_id.clone(), record.id);
                     self.cursors.insert(handle.0.clone(), handle.1);
-                    self.inflight.insert(pkid, handle);
+                    self.inflight.insert(pkid, (handle, origin));
                     send(pkid, record);
                     sent += 1;
                     progress = true;
@@ -146,10 +192,12 @@ mod tests {
 
     #[test]
     fn settles_by_packet_id_not_by_order() {
-        let mut flight = Flight::new(8, 0, 0);
+        let mut flight = Flight::new(8, 8, 0, 0);
         for id in [1, 2] {
             let pkid = flight.next_pkid().expect("free");
-            flight.inflight.insert(pkid, ("a".into(), RecordId(id)));
+            flight
+                .inflight
+                .insert(pkid, (("a".into(), RecordId(id)), Origin::Live));
         }
         assert_eq!(flight.acked(2), Some(("a".into(), RecordId(2))));
         assert_eq!(flight.acked(2), None);
@@ -159,9 +207,11 @@ mod tests {
 
     #[test]
     fn an_id_left_unacknowledged_for_a_cycle_stops_the_connection() {
-        let mut flight = Flight::new(2, 0, 0);
+        let mut flight = Flight::new(2, 2, 0, 0);
         let first = flight.next_pkid().expect("free");
-        flight.inflight.insert(first, ("a".into(), RecordId(1)));
+        flight
+            .inflight
+            .insert(first, (("a".into(), RecordId(1)), Origin::Live));
         // The cycle is 8 ids long: 7 more are free, the 8th after them is `first`.
         for _ in 0..7 {
             let pkid = flight.next_pkid().expect("free");
@@ -171,5 +221,70 @@ mod tests {
             flight.next_pkid(),
             Err(FillError::PacketIdStuck(id)) if id == first
         ));
+    }
+
+    /// A queue on a real directory with `backlog` records of each backlog device stored
+    /// before `connected_at_ms` and `live` records of `live-1` after it.
+    async fn queue_with(backlog: usize, live: usize) -> (tempfile::TempDir, Queue, u64) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = crate::queue::QueueConfig::new(dir.path().join("queue"));
+        config.min_free_disk = 0;
+        let queue = Queue::open(config).expect("opens");
+        for n in 0..backlog {
+            for device in ["old-1", "old-2"] {
+                let payload = bytes::Bytes::from(vec![n as u8; 10]);
+                queue.enqueue(device, payload).await.expect("stored");
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let connected_at_ms = crate::clock::now_ms();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        for n in 0..live {
+            let payload = bytes::Bytes::from(vec![n as u8; 10]);
+            queue.enqueue("live-1", payload).await.expect("stored");
+        }
+        (dir, queue, connected_at_ms)
+    }
+
+    fn fill_names(flight: &mut Flight, queue: &Queue) -> Vec<(u16, String)> {
+        let mut sent = Vec::new();
+        flight
+            .fill(queue, |pkid, record| sent.push((pkid, record.device_id)))
+            .expect("fills");
+        sent
+    }
+
+    #[tokio::test]
+    async fn the_backlog_takes_at_most_its_share_of_the_window_and_live_the_rest() {
+        let (_dir, queue, connected_at_ms) = queue_with(20, 20).await;
+        let mut flight = Flight::new(40, 4, 0, connected_at_ms);
+        let sent = fill_names(&mut flight, &queue);
+        let backlog: Vec<_> = sent.iter().filter(|(_, d)| d.starts_with("old")).collect();
+        assert_eq!(backlog.len(), 4, "{sent:?}");
+        assert_eq!(sent.len(), 24, "every live record goes too: {sent:?}");
+        // The window has room, but not the backlog's share; an acknowledged backlog
+        // record makes room for one more backlog record, not more.
+        assert!(fill_names(&mut flight, &queue).is_empty());
+        let (pkid, _) = backlog[0];
+        let (device, id) = flight.acked(*pkid).expect("in flight");
+        assert!(queue.ack(&device, id).expect("acks"));
+        let next = fill_names(&mut flight, &queue);
+        assert_eq!(next.len(), 1, "{next:?}");
+        assert!(next[0].1.starts_with("old"), "{next:?}");
+        assert!(fill_names(&mut flight, &queue).is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_live_records_the_backlog_still_stops_at_its_share() {
+        let (_dir, queue, connected_at_ms) = queue_with(20, 0).await;
+        let mut flight = Flight::new(16, 4, 0, connected_at_ms);
+        assert_eq!(fill_names(&mut flight, &queue).len(), 4);
+        assert_eq!(flight.outstanding(), 4);
+        // Its whole share free again: four more.
+        let pkids: Vec<u16> = flight.inflight.keys().copied().collect();
+        for pkid in pkids {
+            flight.acked(pkid).expect("in flight");
+        }
+        assert_eq!(fill_names(&mut flight, &queue).len(), 4);
     }
 }

@@ -75,6 +75,9 @@ pub struct UplinkSettings {
     /// Backlog records per second after an outage (0: unpaced). Records that arrived
     /// while connected are never held back by it.
     pub drain_rate: u32,
+    /// Of `window`, how many records in flight may be backlog: live records are then
+    /// queued behind at most this many.
+    pub drain_window: usize,
 }
 
 /// Exponential backoff with full jitter, so many gateways that lost the same cloud do

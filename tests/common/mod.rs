@@ -160,6 +160,7 @@ pub fn gateway_plan(dir: &Path, pki: &DevPki, cloud_port: u16) -> GatewayPlan {
             down_topic: template("gw/{gateway_id}/e3/{device_id}/down"),
             max_envelope: 4096,
             drain_rate: 0,
+            drain_window: 32,
         },
         downlink_pending_per_device: 10,
         metrics_listen: None,
