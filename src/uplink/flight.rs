@@ -108,6 +108,16 @@ impl Flight {
         Ok(self.last_pkid)
     }
 
+    /// Under load, a fill waits for a batch worth a write: while half the window or
+    /// more is in flight, acknowledgements are on their way, so it waits until an
+    /// eighth of the window is free. Fewer, larger writes cost the cloud broker less per
+    /// message (it reads and decrypts each write on its own); below half the window,
+    /// a record goes out at once.
+    fn worth_waiting(&self) -> bool {
+        let outstanding = self.outstanding();
+        outstanding >= self.window / 2 && self.window - outstanding < (self.window / 8).max(1)
+    }
+
     /// The cloud acknowledged `pkid`: the record it carried, if any.
     pub(crate) fn acked(&mut self, pkid: u16) -> Option<Handle> {
         let (handle, origin) = self.inflight.remove(&pkid)?;
@@ -128,7 +138,7 @@ impl Flight {
         mut send: impl FnMut(u16, Record),
     ) -> Result<usize, FillError> {
         self.paced_until = None;
-        if self.outstanding() >= self.window {
+        if self.outstanding() >= self.window || self.worth_waiting() {
             // Called at every new record; with the window full, the list of devices
             // (a copy of every name) would be made for nothing.
             return Ok(0);
@@ -286,5 +296,26 @@ mod tests {
             flight.acked(pkid).expect("in flight");
         }
         assert_eq!(fill_names(&mut flight, &queue).len(), 4);
+    }
+
+    #[tokio::test]
+    async fn under_load_a_fill_waits_for_an_eighth_of_the_window() {
+        let (_dir, queue, connected_at_ms) = queue_with(0, 40).await;
+        let mut flight = Flight::new(16, 16, 0, connected_at_ms);
+        assert_eq!(fill_names(&mut flight, &queue).len(), 16);
+        let mut pkids: Vec<u16> = flight.inflight.keys().copied().collect();
+        pkids.sort_unstable();
+        // 15 of 16 in flight: one free slot is not worth a write yet.
+        flight.acked(pkids[0]).expect("in flight");
+        assert!(fill_names(&mut flight, &queue).is_empty());
+        // Two free (an eighth of 16): both go in one fill.
+        flight.acked(pkids[1]).expect("in flight");
+        assert_eq!(fill_names(&mut flight, &queue).len(), 2);
+        // Below half the window in flight, a free slot is filled at once.
+        for &pkid in &pkids[2..12] {
+            flight.acked(pkid).expect("in flight");
+        }
+        assert_eq!(flight.outstanding(), 6);
+        assert_eq!(fill_names(&mut flight, &queue).len(), 10);
     }
 }
