@@ -497,7 +497,7 @@ mod tests {
             ]
         );
         assert!(keys_of("queue").contains(&"max_bytes"));
-        assert_eq!(keys_of("cloud").len(), 18);
+        assert_eq!(keys_of("cloud").len(), 19);
         assert_eq!(keys_of("devices").len(), 19);
     }
 
