@@ -13,6 +13,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use crate::queue::{Queue, QueueError, Record, RecordId};
@@ -20,6 +22,9 @@ use crate::rate::TokenBucket;
 
 /// A record on its way: which device's, which id.
 pub(crate) type Handle = (String, RecordId);
+
+/// Longest a fill waits under load for a batch worth a write.
+const BATCH_WAIT: Duration = Duration::from_millis(1);
 
 /// Records of one device read per turn of the round-robin.
 const PER_TURN: usize = 16;
@@ -65,6 +70,10 @@ pub(crate) struct Flight {
     pacing: TokenBucket,
     /// When pacing held a record back: try again at this instant.
     pub(crate) paced_until: Option<Instant>,
+    /// Since when fills wait for a batch ([`Flight::worth_waiting`]), and how long
+    /// they may.
+    waiting_since: Option<Instant>,
+    batch_wait: Duration,
 }
 
 impl Flight {
@@ -87,6 +96,8 @@ impl Flight {
             backlog_before_ms: connected_at_ms,
             pacing: TokenBucket::new(drain_rate, drain_rate.max(1)),
             paced_until: None,
+            waiting_since: None,
+            batch_wait: BATCH_WAIT,
         }
     }
 
@@ -110,12 +121,26 @@ impl Flight {
 
     /// Under load, a fill waits for a batch worth a write: while half the window or
     /// more is in flight, acknowledgements are on their way, so it waits until an
-    /// eighth of the window is free. Fewer, larger writes cost the cloud broker less per
-    /// message (it reads and decrypts each write on its own); below half the window,
-    /// a record goes out at once.
-    fn worth_waiting(&self) -> bool {
+    /// eighth of the window is free, or [`BATCH_WAIT`] has passed (a live record waits
+    /// no longer than that for it). Fewer, larger writes cost the cloud broker less per
+    /// message (it reads and decrypts each write on its own); below half the window, a
+    /// record goes out at once. Sets `paced_until` to the end of the wait.
+    fn worth_waiting(&mut self, now: Instant) -> bool {
         let outstanding = self.outstanding();
-        outstanding >= self.window / 2 && self.window - outstanding < (self.window / 8).max(1)
+        let busy =
+            outstanding >= self.window / 2 && self.window - outstanding < (self.window / 8).max(1);
+        if !busy {
+            self.waiting_since = None;
+            return false;
+        }
+        let since = *self.waiting_since.get_or_insert(now);
+        let until = since + self.batch_wait;
+        if now >= until {
+            self.waiting_since = None;
+            return false;
+        }
+        self.paced_until = Some(until);
+        true
     }
 
     /// The cloud acknowledged `pkid`: the record it carried, if any.
@@ -138,7 +163,7 @@ impl Flight {
         mut send: impl FnMut(u16, Record),
     ) -> Result<usize, FillError> {
         self.paced_until = None;
-        if self.outstanding() >= self.window || self.worth_waiting() {
+        if self.outstanding() >= self.window || self.worth_waiting(Instant::now()) {
             // Called at every new record; with the window full, the list of devices
             // (a copy of every name) would be made for nothing.
             return Ok(0);
@@ -246,9 +271,9 @@ mod tests {
                 queue.enqueue(device, payload).await.expect("stored");
             }
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(5));
         let connected_at_ms = crate::clock::now_ms();
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(5));
         for n in 0..live {
             let payload = bytes::Bytes::from(vec![n as u8; 10]);
             queue.enqueue("live-1", payload).await.expect("stored");
@@ -302,6 +327,7 @@ mod tests {
     async fn under_load_a_fill_waits_for_an_eighth_of_the_window() {
         let (_dir, queue, connected_at_ms) = queue_with(0, 40).await;
         let mut flight = Flight::new(16, 16, 0, connected_at_ms);
+        flight.batch_wait = Duration::from_secs(3600);
         assert_eq!(fill_names(&mut flight, &queue).len(), 16);
         let mut pkids: Vec<u16> = flight.inflight.keys().copied().collect();
         pkids.sort_unstable();
@@ -317,5 +343,25 @@ mod tests {
         }
         assert_eq!(flight.outstanding(), 6);
         assert_eq!(fill_names(&mut flight, &queue).len(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_fill_waits_for_a_batch_no_longer_than_the_batch_wait() {
+        let (_dir, queue, connected_at_ms) = queue_with(0, 40).await;
+        let mut flight = Flight::new(16, 16, 0, connected_at_ms);
+        flight.batch_wait = Duration::from_millis(20);
+        assert_eq!(fill_names(&mut flight, &queue).len(), 16);
+        let pkid = *flight.inflight.keys().next().expect("in flight");
+        flight.acked(pkid).expect("in flight");
+        let before = Instant::now();
+        assert!(fill_names(&mut flight, &queue).is_empty());
+        let after = Instant::now();
+        let until = flight
+            .paced_until
+            .expect("the loop is told when to fill again");
+        let wait = Duration::from_millis(20);
+        assert!(until >= before + wait && until <= after + wait);
+        tokio::time::sleep_until(until).await;
+        assert_eq!(fill_names(&mut flight, &queue).len(), 1, "the wait is over");
     }
 }
