@@ -247,17 +247,20 @@ impl TlsServerStream {
     /// larger record already begun. `Ready(Ok(0))` is end of file.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let want = READ_SIZE.max(self.incoming.record_remaining());
-        loop {
-            if let Err(err) = ready!(self.tcp.poll_read_ready(cx)) {
-                return Poll::Ready(Err(err));
+        // tokio's own read: a read that did not fill the room shows the socket drained,
+        // so the next one waits for readiness instead of costing a `recvfrom` that
+        // finds nothing.
+        let mut room = ReadBuf::new(self.incoming.room(want));
+        match Pin::new(&mut self.tcp).poll_read(cx, &mut room) {
+            Poll::Ready(Ok(())) => {
+                let n = room.filled().len();
+                self.incoming.filled(n);
+                Poll::Ready(Ok(n))
             }
-            match self.tcp.try_read(self.incoming.room(want)) {
-                Ok(n) => {
-                    self.incoming.filled(n);
-                    return Poll::Ready(Ok(n));
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => self.release_idle(),
-                Err(err) => return Poll::Ready(Err(err)),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => {
+                self.release_idle();
+                Poll::Pending
             }
         }
     }

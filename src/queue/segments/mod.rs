@@ -13,11 +13,14 @@
 //!   active segment and one `fdatasync`; when it returns `Ok`, the frames survive a
 //!   crash and a power cut. A failed append (a full disk) changes nothing that a later
 //!   append can see: the next one writes at the same offset again.
-//! - The active segment is closed for writing once it holds `segment_size` bytes; a new
-//!   one is created (with a synced header and directory entry) for the next batch.
+//! - A segment is created `segment_size` bytes long, sparse (see `file`), and closed for
+//!   writing once its frames fill it: it is cut to its frames, and a new one is created
+//!   (with a synced header, size and directory entry) for the next batch.
 //! - [`SegmentLog::open`] reads every segment front to back (`scan`), hands each valid
 //!   frame to the caller, which says whether the record is still queued, and reports
-//!   damaged ranges. It never writes into an old segment: appends go to a new one.
+//!   damaged ranges. The newest segment ends in its unwritten room (zeros, cut off
+//!   silently), after a crash perhaps in a torn batch before it (cut off and logged). It
+//!   never writes into an old segment: appends go to a new one.
 //! - [`SegmentLog::read`] reads one frame back with `pread` and checks its CRC again.
 //! - [`SegmentLog::release`] forgets one record; a closed segment with no records left
 //!   is deleted.
@@ -116,7 +119,7 @@ struct Segment {
     file: Arc<File>,
     /// Records appended or kept at open and not yet released.
     live: u64,
-    /// Bytes in the file.
+    /// Bytes of header and frames (the active segment's file is longer).
     len: u64,
 }
 
@@ -127,6 +130,8 @@ struct Active {
     file: Arc<File>,
     /// Where the next frame goes.
     len: u64,
+    /// The file's size: `len` and the room after it.
+    file_len: u64,
     /// Frames are encoded here, then written with one call.
     buffer: Vec<u8>,
 }
@@ -161,6 +166,8 @@ struct Scanned {
     len: u64,
     /// Frames `keep` kept.
     live: u64,
+    /// Where the newest segment's frames end, if bytes that are not frames follow.
+    cut_at: Option<u64>,
 }
 
 /// Opens segment `number` at `path` and reads every frame of it into `report` and
@@ -176,6 +183,7 @@ fn scan_segment(
     let len = file.metadata()?.len();
     let mut live = 0;
     let mut frames = 0;
+    let mut cut_at = None;
     let outcome = scan::scan(&file, HEADER_LEN.min(len), len, |offset, frame| {
         frames += 1;
         let at = Location {
@@ -190,7 +198,12 @@ fn scan_segment(
     report.frames += frames;
     for (offset, damaged) in outcome.damaged {
         if newest && offset + damaged == len {
-            report.torn_tail = Some((number, offset, damaged));
+            // The room never written is zeros; anything before it is a torn batch.
+            let written_end = scan::zeros_from(&file, offset, len)?;
+            if written_end > offset {
+                report.torn_tail = Some((number, offset, written_end - offset));
+            }
+            cut_at = Some(offset);
             continue;
         }
         let keep_len = usize::try_from(damaged)
@@ -205,7 +218,12 @@ fn scan_segment(
             bytes,
         });
     }
-    Ok(Scanned { file, len, live })
+    Ok(Scanned {
+        file,
+        len,
+        live,
+        cut_at,
+    })
 }
 
 /// Reads every frame of the log in `dir` without changing anything (for `queue
@@ -260,10 +278,9 @@ impl SegmentLog {
                 file,
                 mut len,
                 live,
+                cut_at,
             } = scan_segment(number, &path, newest, &mut report, &mut keep)?;
-            if let Some((segment, offset, _)) = report.torn_tail
-                && segment == number
-            {
+            if let Some(offset) = cut_at {
                 // Cut off, so that it is not met again once this segment is no longer
                 // the newest.
                 truncate(&path, offset)?;
@@ -284,7 +301,7 @@ impl SegmentLog {
         let number = last
             .checked_add(1)
             .ok_or_else(|| too_large("segment number"))?;
-        let active = Arc::new(file::create(dir, number)?);
+        let active = Arc::new(file::create(dir, number, segment_size)?);
         segments.insert(
             number,
             Segment {
@@ -301,6 +318,7 @@ impl SegmentLog {
                 number,
                 file: active,
                 len: HEADER_LEN,
+                file_len: segment_size.max(HEADER_LEN),
                 buffer: Vec::new(),
             }),
             segments: Mutex::new(segments),
@@ -347,6 +365,7 @@ impl SegmentLog {
             offset += len as u64;
         }
         active.len = offset;
+        active.file_len = active.file_len.max(offset);
         let mut segments = lock(&self.segments);
         if let Some(segment) = segments.get_mut(&active.number) {
             segment.live += locations.len() as u64;
@@ -361,12 +380,15 @@ impl SegmentLog {
             .number
             .checked_add(1)
             .ok_or_else(|| too_large("segment number"))?;
-        let file = Arc::new(file::create(&self.dir, number)?);
+        // Cut to its frames before the next exists: only the newest segment has room.
+        Self::cut_to_frames(active)?;
+        let file = Arc::new(file::create(&self.dir, number, self.segment_size)?);
         let closed = active.number;
         *active = Active {
             number,
             file: Arc::clone(&file),
             len: HEADER_LEN,
+            file_len: self.segment_size.max(HEADER_LEN),
             buffer: std::mem::take(&mut active.buffer),
         };
         let mut segments = lock(&self.segments);
@@ -383,6 +405,16 @@ impl SegmentLog {
             segments.remove(&closed);
             drop(segments);
             self.delete(closed);
+        }
+        Ok(())
+    }
+
+    /// Cuts the active segment's file to its frames, durably.
+    fn cut_to_frames(active: &mut Active) -> io::Result<()> {
+        if active.file_len > active.len {
+            active.file.set_len(active.len)?;
+            active.file.sync_all()?;
+            active.file_len = active.len;
         }
         Ok(())
     }
@@ -464,6 +496,20 @@ impl SegmentLog {
     /// Segment files the log has open.
     pub fn segment_count(&self) -> usize {
         lock(&self.segments).len()
+    }
+}
+
+impl Drop for SegmentLog {
+    /// A log closed in order leaves no room behind, so its files hold frames only (a
+    /// crash leaves the room, which the next open cuts off).
+    fn drop(&mut self) {
+        let active = self
+            .active
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Err(err) = Self::cut_to_frames(active) {
+            tracing::warn!(error = %err, segment = active.number, "could not cut the active queue segment to its frames; the next start does");
+        }
     }
 }
 

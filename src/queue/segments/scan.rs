@@ -143,11 +143,31 @@ pub(super) fn scan(
     Ok(outcome)
 }
 
+/// Where the run of zero bytes that ends `file` at `to` starts, looking no further back
+/// than `from`: the room a segment was created with and nobody wrote yet.
+///
+/// # Errors
+/// The OS error of a read.
+pub(super) fn zeros_from(file: &File, from: u64, to: u64) -> io::Result<u64> {
+    let mut buf = vec![0; CHUNK];
+    let mut end = to;
+    while end > from {
+        let start = end.saturating_sub(CHUNK as u64).max(from);
+        let chunk = &mut buf[..usize::try_from(end - start).unwrap_or(CHUNK)];
+        file.read_exact_at(chunk, start)?;
+        if let Some(last) = chunk.iter().rposition(|&b| b != 0) {
+            return Ok(start + last as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(from)
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
 
-    use super::{CHUNK, scan};
+    use super::{CHUNK, scan, zeros_from};
     use crate::queue::record::{RecordId, encode_frame_into, encode_key};
 
     fn frames(count: u64, payload_len: usize) -> (Vec<u8>, Vec<u64>) {
@@ -215,5 +235,27 @@ mod tests {
         let lost = 200 - seen.len();
         assert!((8..=10).contains(&lost), "lost {lost}");
         assert_eq!(outcome.damaged.len(), 1);
+    }
+
+    #[test]
+    fn the_zeros_ending_a_file_are_found_across_chunks() {
+        let mut bytes = vec![0u8; 3 * CHUNK];
+        bytes[100] = 7;
+        let mut file = tempfile::tempfile().expect("tempfile");
+        file.write_all(&bytes).expect("write");
+        let len = bytes.len() as u64;
+        assert_eq!(zeros_from(&file, 0, len).expect("scan"), 101);
+        assert_eq!(zeros_from(&file, 101, len).expect("scan"), 101);
+        assert_eq!(
+            zeros_from(&file, 200, len).expect("scan"),
+            200,
+            "not before from"
+        );
+        file.set_len(len + 10).expect("grow");
+        assert_eq!(
+            zeros_from(&file, 0, len + 10).expect("scan"),
+            101,
+            "a hole reads as zeros"
+        );
     }
 }

@@ -228,3 +228,71 @@ fn a_drained_active_segment_is_replaced_so_its_space_comes_back() {
         "an empty segment stays"
     );
 }
+
+/// The frames' end of the segment a location is in, and that segment's file size.
+fn sizes(dir: &Path, at: Location) -> (u64, u64) {
+    let path = dir.join(file::name(at.segment));
+    let frames_end = u64::from(at.offset) + u64::from(at.len);
+    (frames_end, std::fs::metadata(path).expect("metadata").len())
+}
+
+#[test]
+fn segments_have_room_while_written_and_only_frames_once_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let locations = append(&log, 0..400, 300, 20);
+    let (first, last) = (locations[0], locations[399]);
+    assert!(last.segment > first.segment, "several segments");
+    let first_end = locations
+        .iter()
+        .rfind(|at| at.segment == first.segment)
+        .copied()
+        .expect("first segment");
+    let (end, file_len) = sizes(dir.path(), first_end);
+    assert_eq!(file_len, end, "a closed segment is cut to its frames");
+    let (end, file_len) = sizes(dir.path(), last);
+    assert_eq!(file_len, 64 << 10, "the active one has its room");
+    assert!(end < file_len);
+    assert_eq!(
+        log.disk_bytes(),
+        locations.iter().map(|at| u64::from(at.len)).sum::<u64>()
+            + HEADER_LEN * u64::from(last.segment - first.segment + 1)
+    );
+    drop(log);
+    assert_eq!(sizes(dir.path(), last).1, end, "closing cuts the room off");
+}
+
+#[test]
+fn after_a_crash_the_room_is_cut_off_silently_and_a_torn_batch_in_it_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let locations = append(&log, 0..10, 300, 10);
+    // A crash: the log is never closed, the active segment keeps its room.
+    std::mem::forget(log);
+    let last = locations[9];
+    let (end, file_len) = sizes(dir.path(), last);
+    assert!(file_len > end);
+    let (log, kept, report) = reopen(dir.path(), |_| true);
+    assert_eq!(kept, (0..10).collect::<Vec<_>>());
+    assert!(report.damaged.is_empty());
+    assert_eq!(report.torn_tail, None, "unwritten room is not a torn write");
+    assert_eq!(sizes(dir.path(), last).1, end, "cut off");
+
+    // Now a batch the crash cut short, written into the room of the next segment.
+    let more = append(&log, 10..20, 300, 10);
+    std::mem::forget(log);
+    let at = more[9];
+    let frames_end = u64::from(at.offset) + u64::from(at.len);
+    let torn = crate::queue::record::encode_value(&key(20), 20, &payload(20, 300));
+    let path = dir.path().join(file::name(at.segment));
+    let segment = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&segment, &torn[..150], frames_end).expect("write");
+    let (_, kept, report) = reopen(dir.path(), |_| true);
+    assert_eq!(kept, (0..20).collect::<Vec<_>>());
+    assert!(report.damaged.is_empty());
+    assert_eq!(report.torn_tail, Some((at.segment, frames_end, 150)));
+    assert_eq!(sizes(dir.path(), at).1, frames_end);
+}
