@@ -159,6 +159,7 @@ fn run_gateway(args: &GatewayArgs) -> Result<(), Box<dyn std::error::Error + Sen
     }
     let plan = GatewayPlan::from_config(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(config.gateway.threads))
         .enable_all()
         .thread_name("blindgate")
         .build()?;

@@ -67,6 +67,7 @@ fn the_example_file_holds_the_installed_values() {
     let dir = path.parent().expect("the example is in a directory");
     assert_eq!(config.gateway.id, "gw-1");
     assert_eq!(config.gateway.data_dir, Path::new("/var/lib/blindgate"));
+    assert_eq!(config.gateway.threads, 1);
     assert_eq!(config.devices.ca, dir.join("certs/device-ca.pem"));
     assert_eq!(
         config.devices.key.file(),
@@ -141,6 +142,7 @@ fn the_lab_config_differs_from_the_example_only_in_lab_values() {
 fn defaults_equal_the_documented_ones() {
     let config = parse_ok(&config_text("", "", "", ""));
     assert_eq!(config.gateway.data_dir, Path::new("/var/lib/blindgate"));
+    assert_eq!(config.gateway.threads, 1);
 
     let devices = &config.devices;
     assert_eq!(devices.listen.to_string(), "0.0.0.0:8883");
@@ -307,6 +309,25 @@ fn backoff_max_shorter_than_backoff_min_is_rejected() {
     );
     let defaulted_max = config_text("", "", "backoff_min = \"5m\"", "");
     only_diagnostic(&defaulted_max, "cloud.backoff_max");
+}
+
+#[test]
+fn threads_are_between_1_and_64() {
+    let four = parse_ok(&config_text("threads = 4", "", "", ""));
+    assert_eq!(four.gateway.threads, 4);
+    for bad in ["0", "65", "-1"] {
+        let text = config_text(&format!("threads = {bad}"), "", "", "");
+        let diagnostic = only_diagnostic(&text, "gateway.threads");
+        assert_eq!(
+            (diagnostic.line, diagnostic.column),
+            (3, 11),
+            "{bad}: points at the value"
+        );
+        assert_eq!(
+            diagnostic.message,
+            format!("must be between 1 and 64, not {bad}")
+        );
+    }
 }
 
 #[test]

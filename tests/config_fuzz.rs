@@ -173,6 +173,7 @@ const TOKENS: &[&str] = &[
     "log",
     "id",
     "data_dir",
+    "threads",
     "listen",
     "ca",
     "cert",
@@ -246,7 +247,7 @@ fn soup() -> impl Strategy<Value = String> {
 
 /// Every section and key the gateway config knows.
 const KEYS: &[(&str, &[&str])] = &[
-    ("gateway", &["id", "data_dir"]),
+    ("gateway", &["id", "data_dir", "threads"]),
     (
         "devices",
         &[

@@ -22,6 +22,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawGateway {
     pub(super) id: Opt<String>,
     pub(super) data_dir: Opt<String>,
+    pub(super) threads: Opt<Count>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -199,9 +199,11 @@ pub(super) fn gateway_section(
     let data_dir = optional!(s, raw.data_dir, PathBuf::from(DEFAULT_DATA_DIR), |p| {
         file_path(base, p)
     });
+    let threads = optional!(s, raw.threads, DEFAULT_THREADS, count_in(1..=64));
     Some(GatewaySection {
         id: id?,
         data_dir: data_dir?,
+        threads: threads?,
     })
 }
 
