@@ -136,6 +136,19 @@ struct Active {
     buffer: Vec<u8>,
 }
 
+impl Active {
+    /// Segment `number`, just made by `file::create` with `size` bytes of room.
+    fn created(number: u32, file: Arc<File>, size: u64, buffer: Vec<u8>) -> Self {
+        Self {
+            number,
+            file,
+            len: HEADER_LEN,
+            file_len: size.max(HEADER_LEN),
+            buffer,
+        }
+    }
+}
+
 /// The append-only segment files of one queue directory.
 #[derive(Debug)]
 pub struct SegmentLog {
@@ -314,13 +327,7 @@ impl SegmentLog {
             dir: dir.to_owned(),
             segment_size,
             active_number: AtomicU32::new(number),
-            active: Mutex::new(Active {
-                number,
-                file: active,
-                len: HEADER_LEN,
-                file_len: segment_size.max(HEADER_LEN),
-                buffer: Vec::new(),
-            }),
+            active: Mutex::new(Active::created(number, active, segment_size, Vec::new())),
             segments: Mutex::new(segments),
         };
         Ok((log, report))
@@ -384,13 +391,8 @@ impl SegmentLog {
         Self::cut_to_frames(active)?;
         let file = Arc::new(file::create(&self.dir, number, self.segment_size)?);
         let closed = active.number;
-        *active = Active {
-            number,
-            file: Arc::clone(&file),
-            len: HEADER_LEN,
-            file_len: self.segment_size.max(HEADER_LEN),
-            buffer: std::mem::take(&mut active.buffer),
-        };
+        let buffer = std::mem::take(&mut active.buffer);
+        *active = Active::created(number, Arc::clone(&file), self.segment_size, buffer);
         let mut segments = lock(&self.segments);
         segments.insert(
             number,
