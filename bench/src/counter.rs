@@ -183,19 +183,25 @@ impl Counter {
 }
 
 /// Subscribes to the cloud broker (QoS 1) and checks every envelope until the end.
+///
+/// Reading never waits for writing: the PUBACKs go out from a task of their own. A
+/// counter that stopped reading until its acknowledgements were written could stall
+/// with the broker, each side's receive buffer full and each waiting for the other to
+/// read (seen as drains that stopped for 5 s, TCP zero-window probes on both sides).
 pub(crate) async fn run_counter(
     counter: Arc<Counter>,
     port: u16,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<()> {
     let (stream, mut buf) = mqtt_connect(port, tls, "bench-counter").await?;
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (mut rd, wr) = tokio::io::split(stream);
     let mut sub = Subscribe::new(CLOUD_FILTER, QoS::AtLeastOnce);
     sub.pkid = 1;
     let mut out = BytesMut::new();
     sub.write(&mut out)?;
-    wr.write_all(&out).await?;
-    out.clear();
+    let (acks, pending) = tokio::sync::mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_acks(wr, pending));
+    acks.send(out.split().freeze())?;
     loop {
         // Handle every complete packet in the buffer, then acknowledge them in one write.
         loop {
@@ -211,12 +217,30 @@ pub(crate) async fn run_counter(
                 Err(e) => bail!("counter: bad MQTT packet: {e:?}"),
             }
         }
-        if !out.is_empty() {
-            wr.write_all(&out).await?;
-            out.clear();
+        if !out.is_empty() && acks.send(out.split().freeze()).is_err() {
+            // The writer stopped: its error says why.
+            return writer.await?;
         }
         if rd.read_buf(&mut buf).await? == 0 {
             bail!("the cloud broker closed the counter's connection");
         }
     }
+}
+
+/// Writes the counter's acknowledgements as they come, joining those already waiting
+/// into one write.
+async fn write_acks(
+    mut wr: impl tokio::io::AsyncWrite + Unpin,
+    mut pending: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+) -> Result<()> {
+    let mut out = BytesMut::new();
+    while let Some(first) = pending.recv().await {
+        out.extend_from_slice(&first);
+        while let Ok(more) = pending.try_recv() {
+            out.extend_from_slice(&more);
+        }
+        wr.write_all(&out).await?;
+        out.clear();
+    }
+    Ok(())
 }
