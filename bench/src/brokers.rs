@@ -309,6 +309,8 @@ ca = "{cca}"
 cert = "{ccert}"
 key = "{ckey}"
 inflight = 1000
+# Live records wait at the cloud broker behind at most this many backlog records.
+drain_inflight = 250
 client_id = "{client_id}"
 drain_rate = 1000000
 backoff_min = "100ms"
