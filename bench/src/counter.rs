@@ -203,7 +203,8 @@ pub(crate) async fn run_counter(
     let writer = tokio::spawn(write_acks(wr, pending));
     acks.send(out.split().freeze())?;
     loop {
-        // Handle every complete packet in the buffer, then acknowledge them in one write.
+        // Handle every complete packet in the buffer, then hand their acknowledgements to
+        // the writer in one piece.
         loop {
             match Packet::read(&mut buf, MAX_PACKET) {
                 Ok(Packet::Publish(p)) => {
