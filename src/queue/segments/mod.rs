@@ -27,6 +27,7 @@
 //!
 //! The log knows nothing of devices or acknowledgements; the queue keeps those.
 
+mod batch;
 mod file;
 mod scan;
 
@@ -42,6 +43,7 @@ use bytes::Bytes;
 
 use super::record::{self, Frame};
 
+use batch::Batch;
 use file::HEADER_LEN;
 
 /// The default size at which a segment is closed and the next one started.
@@ -132,7 +134,7 @@ struct Active {
     len: u64,
     /// The file's size: `len` and the room after it.
     file_len: u64,
-    /// Frames are encoded here, then written with one call.
+    /// Frames are encoded here (large payloads only their heads: `batch`).
     buffer: Vec<u8>,
 }
 
@@ -342,25 +344,10 @@ impl SegmentLog {
     pub fn append(&self, frames: &[Append<'_>]) -> io::Result<Vec<Location>> {
         let mut active = lock(&self.active);
         let active = &mut *active;
-        active.buffer.clear();
-        let mut lens = Vec::with_capacity(frames.len());
-        for frame in frames {
-            lens.push(record::encode_frame_into(
-                &mut active.buffer,
-                frame.key,
-                frame.arrival_ms,
-                frame.payload,
-            ));
-        }
-        let batch_len = active.buffer.len() as u64;
-        if active.len > HEADER_LEN && active.len + batch_len > self.segment_size {
-            self.start_segment(active)?;
-        }
-        if active.len + batch_len > u64::from(u32::MAX) {
-            return Err(too_large("batch"));
-        }
-        active.file.write_all_at(&active.buffer, active.len)?;
-        active.file.sync_data()?;
+        let mut buffer = std::mem::take(&mut active.buffer);
+        let written = self.write_batch(active, &mut buffer, frames);
+        active.buffer = buffer;
+        let lens = written?;
         let mut offset = active.len;
         let mut locations = Vec::with_capacity(lens.len());
         for len in lens {
@@ -379,6 +366,26 @@ impl SegmentLog {
             segment.len = offset;
         }
         Ok(locations)
+    }
+
+    /// Writes `frames` after the active segment's last frame, in the next segment if
+    /// they do not fit, and syncs. Returns each frame's length.
+    fn write_batch(
+        &self,
+        active: &mut Active,
+        buffer: &mut Vec<u8>,
+        frames: &[Append<'_>],
+    ) -> io::Result<Vec<usize>> {
+        let batch = Batch::encode(buffer, frames);
+        if active.len > HEADER_LEN && active.len + batch.len > self.segment_size {
+            self.start_segment(active)?;
+        }
+        if active.len + batch.len > u64::from(u32::MAX) {
+            return Err(too_large("batch"));
+        }
+        batch.write_at(&active.file, active.len)?;
+        active.file.sync_data()?;
+        Ok(batch.lens)
     }
 
     /// Closes the active segment for writing and creates the next one.
