@@ -234,7 +234,7 @@ impl Connection<'_> {
     fn fill(&self, link: &mut Link, flight: &mut Flight) -> Result<(), LinkError> {
         let up = &self.settings.up_topic;
         let result = flight.fill(self.queue, |pkid, record| {
-            link.publish(up.render(&record.device_id), pkid, record.payload);
+            link.publish(&up.render(&record.device_id), pkid, record.payload);
         });
         match result {
             Ok(_) => Ok(()),

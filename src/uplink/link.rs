@@ -1,16 +1,17 @@
 //! One MQTT 3.1.1 connection to the cloud broker over mutual TLS 1.3: connecting
-//! (TCP, TLS, CONNECT, CONNACK), packets encoded into one output buffer, and that
-//! buffer written in as few TLS records and syscalls as the socket allows.
+//! (TCP, TLS, CONNECT, CONNACK), packets encoded into one output (`outbound`), and that output
+//! written in as few TLS records and syscalls as the socket allows.
 //!
-//! Packets are encoded and decoded by `rumqttc::mqttbytes`; what this module adds over
-//! rumqttc's event loop is the batching. rumqttc writes and flushes each request on its
-//! own, so each 256-byte PUBLISH became its own TLS record and `write(2)`, and the cloud
-//! broker decrypted and read each one separately. Here every PUBLISH picked in one fill
-//! of the window (and every PUBACK owed for a downlink command) goes into `out`, and
-//! `out` is written whole: under load, one TLS record carries about 50 PUBLISHes.
+//! Packets are decoded, and all but PUBLISHes encoded, by `rumqttc::mqttbytes`; what
+//! this module adds over rumqttc's event loop is the batching. rumqttc writes and
+//! flushes each request on its own, so each 256-byte PUBLISH became its own TLS record
+//! and `write(2)`, and the cloud broker decrypted and read each one separately. Here
+//! every PUBLISH picked in one fill of the window (and every PUBACK owed for a downlink
+//! command) goes into the output, and the output is written whole: under load, one TLS
+//! record carries about 50 PUBLISHes.
 //!
-//! Every read and write here is cancel safe (`read_buf`, `write_buf`, `flush`), so the
-//! connection's `select!` loop may drop them at any await without losing a byte.
+//! Every read and write here is cancel safe (`read_buf`, `write_vectored`, `flush`), so
+//! the connection's `select!` loop may drop them at any await without losing a byte.
 
 use std::io;
 use std::sync::Arc;
@@ -18,14 +19,15 @@ use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Disconnect, Packet, PingReq, PubAck, Publish, Subscribe,
+    ConnAck, Connect, ConnectReturnCode, Disconnect, Packet, PingReq, PubAck, Subscribe,
 };
 use rumqttc::mqttbytes::{self, QoS};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt as _, ReadHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::outbound::Outbound;
 use super::{Endpoint, UplinkSettings};
 
 /// TCP, TLS and the CONNACK must all complete within this.
@@ -80,14 +82,6 @@ pub(crate) struct Link {
     pub(crate) session_present: bool,
 }
 
-/// The writing half: packets encoded and not yet written.
-pub(crate) struct Outbound {
-    writer: WriteHalf<TlsStream<TcpStream>>,
-    out: BytesMut,
-    /// Bytes were written since the last flush.
-    unflushed: bool,
-}
-
 /// The reading half: bytes read and not yet decoded.
 pub(crate) struct Inbound {
     reader: ReadHalf<TlsStream<TcpStream>>,
@@ -133,11 +127,7 @@ impl Link {
             .map_err(LinkError::Tls)?;
         let (reader, writer) = tokio::io::split(tls);
         let mut link = Self {
-            outbound: Outbound {
-                writer,
-                out: BytesMut::with_capacity(READ_CHUNK),
-                unflushed: false,
-            },
+            outbound: Outbound::new(writer, READ_CHUNK),
             inbound: Inbound {
                 reader,
                 incoming: BytesMut::with_capacity(READ_CHUNK),
@@ -172,19 +162,9 @@ impl Link {
         Ok(link)
     }
 
-    /// Encodes a QoS 1 PUBLISH into the output buffer.
-    pub(crate) fn publish(&mut self, topic: String, pkid: u16, payload: Bytes) {
-        let publish = Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic,
-            pkid,
-            payload,
-        };
-        // Only an empty topic or a payload over 256 MiB fails to encode; neither can
-        // reach here (the topic template has text, envelopes are capped far lower).
-        let _ = publish.write(&mut self.outbound.out);
+    /// Encodes a QoS 1 PUBLISH into the output.
+    pub(crate) fn publish(&mut self, topic: &str, pkid: u16, payload: Bytes) {
+        self.outbound.publish(topic, pkid, payload);
     }
 
     /// Encodes a SUBSCRIBE (QoS 1) into the output buffer.
@@ -235,40 +215,9 @@ impl Link {
         let _ = Disconnect.write(&mut outbound.out);
         let _ = tokio::time::timeout(limit, async {
             outbound.send_all().await?;
-            outbound.writer.shutdown().await.map_err(LinkError::Io)
+            outbound.shutdown().await
         })
         .await;
-    }
-}
-
-impl Outbound {
-    /// True while encoded bytes wait to be written or flushed.
-    pub(crate) fn has_output(&self) -> bool {
-        !self.out.is_empty() || self.unflushed
-    }
-
-    /// Writes some of the output, or flushes once all is written. Cancel safe: bytes
-    /// leave `out` only once the TLS layer took them.
-    pub(crate) async fn write_some(&mut self) -> Result<(), LinkError> {
-        if self.out.is_empty() {
-            self.writer.flush().await.map_err(LinkError::Io)?;
-            self.unflushed = false;
-        } else {
-            self.writer
-                .write_buf(&mut self.out)
-                .await
-                .map_err(LinkError::Io)?;
-            self.unflushed = true;
-        }
-        Ok(())
-    }
-
-    /// Writes and flushes everything encoded so far.
-    pub(crate) async fn send_all(&mut self) -> Result<(), LinkError> {
-        while self.has_output() {
-            self.write_some().await?;
-        }
-        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ mod connection;
 mod failure;
 mod flight;
 mod link;
+mod outbound;
 
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
