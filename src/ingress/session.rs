@@ -62,6 +62,10 @@ struct Conn<S> {
     inbuf: BytesMut,
     /// The last read filled all the room there was: more is probably waiting.
     filled: bool,
+    /// Bytes the packet at the front of `inbuf` still lacks (0: none started). A read
+    /// makes room for all of them at once, so a 16 KiB PUBLISH grows the buffer once,
+    /// not by doubling from a few KiB, copying what it holds each time.
+    missing: usize,
     outbuf: BytesMut,
     max_packet: usize,
 }
@@ -69,9 +73,17 @@ struct Conn<S> {
 impl<S: AsyncRead + AsyncWrite> Conn<S> {
     /// A complete packet from the buffer, `Ok(None)` if more bytes are needed.
     fn try_parse(&mut self) -> Result<Option<Packet>, CodecError> {
+        self.missing = 0;
         match Packet::read(&mut self.inbuf, self.max_packet) {
             Ok(packet) => Ok(Some(packet)),
-            Err(CodecError::InsufficientBytes(_)) => Ok(None),
+            // At most `max_packet` and a header: larger packets are refused unread.
+            Err(CodecError::InsufficientBytes(missing)) => {
+                // An empty buffer "lacks" two bytes too: no packet started there.
+                if !self.inbuf.is_empty() {
+                    self.missing = missing;
+                }
+                Ok(None)
+            }
             Err(err) => Err(err),
         }
     }
@@ -92,8 +104,9 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
     /// time, so a connection with nothing left to parse whose last read was short goes
     /// back to [`READ_IDLE`] bytes; one whose reads fill the buffer gets [`READ_CHUNK`].
     async fn read_more(&mut self) -> std::io::Result<usize> {
-        if self.filled {
-            self.inbuf.reserve(READ_CHUNK);
+        let room_for = if self.filled { READ_CHUNK } else { 0 }.max(self.missing);
+        if room_for > 0 {
+            self.inbuf.reserve(room_for);
         } else if self.inbuf.is_empty() && self.inbuf.capacity() > READ_IDLE {
             self.inbuf = BytesMut::with_capacity(READ_IDLE);
         }
@@ -157,6 +170,7 @@ where
         writer,
         inbuf: BytesMut::with_capacity(READ_IDLE),
         filled: false,
+        missing: 0,
         // Grows to what a turn of the loop writes (PUBACKs, a downlink message).
         outbuf: BytesMut::new(),
         max_packet: shared.settings.max_packet,
