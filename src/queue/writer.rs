@@ -12,7 +12,7 @@
 //! PUBACK then. Only closing the queue ends the wait, with an error (no PUBACK; the
 //! devices send those records again).
 //!
-//! The appends themselves (`pwrite`, `fdatasync`) run on a thread of the queue's own,
+//! The appends themselves (`pwritev`, `fdatasync`) run on a thread of the queue's own,
 //! which waits on a channel for the next batch. A commit then costs one wake-up there and
 //! one back; tokio's blocking pool, used before, cost five or so futex calls per commit
 //! on its shared lock and condition variable.

@@ -9,10 +9,10 @@
 //! around it, and removing it costs no write at all: the log only counts the records
 //! each segment still holds, and removes the file when that count reaches zero.
 //!
-//! - [`SegmentLog::append`] writes a batch of frames with one `pwrite` at the end of the
-//!   active segment and one `fdatasync`; when it returns `Ok`, the frames survive a
-//!   crash and a power cut. A failed append (a full disk) changes nothing that a later
-//!   append can see: the next one writes at the same offset again.
+//! - [`SegmentLog::append`] writes a batch of frames with one `pwritev` at the end of
+//!   the active segment (`batch`) and one `fdatasync`; when it returns `Ok`, the frames
+//!   survive a crash and a power cut. A failed append (a full disk) changes nothing
+//!   that a later append can see: the next one writes at the same offset again.
 //! - A segment is created `segment_size` bytes long, sparse (see `file`), and closed for
 //!   writing once its frames fill it: it is cut to its frames, and a new one is created
 //!   (with a synced header, size and directory entry) for the next batch.
