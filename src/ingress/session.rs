@@ -55,6 +55,9 @@ enum Outcome {
 const READ_IDLE: usize = 512;
 /// What a connection whose reads fill its buffer reads into.
 const READ_CHUNK: usize = 4096;
+/// Most room made ahead for a packet's missing bytes: a device that only announces a
+/// large packet does not get the memory for it before it sends the bytes.
+const MAX_ROOM_AHEAD: usize = 64 << 10;
 
 struct Conn<S> {
     reader: ReadHalf<S>,
@@ -63,8 +66,8 @@ struct Conn<S> {
     /// The last read filled all the room there was: more is probably waiting.
     filled: bool,
     /// Bytes the packet at the front of `inbuf` still lacks (0: none started). A read
-    /// makes room for all of them at once, so a 16 KiB PUBLISH grows the buffer once,
-    /// not by doubling from a few KiB, copying what it holds each time.
+    /// makes room for them at once (up to [`MAX_ROOM_AHEAD`]), so a 16 KiB PUBLISH grows
+    /// the buffer once, not by doubling from a few KiB, copying what it holds each time.
     missing: usize,
     outbuf: BytesMut,
     max_packet: usize,
@@ -104,7 +107,8 @@ impl<S: AsyncRead + AsyncWrite> Conn<S> {
     /// time, so a connection with nothing left to parse whose last read was short goes
     /// back to [`READ_IDLE`] bytes; one whose reads fill the buffer gets [`READ_CHUNK`].
     async fn read_more(&mut self) -> std::io::Result<usize> {
-        let room_for = if self.filled { READ_CHUNK } else { 0 }.max(self.missing);
+        let missing = self.missing.min(MAX_ROOM_AHEAD);
+        let room_for = if self.filled { READ_CHUNK } else { 0 }.max(missing);
         if room_for > 0 {
             self.inbuf.reserve(room_for);
         } else if self.inbuf.is_empty() && self.inbuf.capacity() > READ_IDLE {
