@@ -1,6 +1,6 @@
 //! One MQTT 3.1.1 connection to the cloud broker over mutual TLS 1.3: connecting
-//! (TCP, TLS, CONNECT, CONNACK), packets encoded into one output (`outbound`), and that output
-//! written in as few TLS records and syscalls as the socket allows.
+//! (TCP, TLS, CONNECT, CONNACK), packets encoded into one output (`outbound`), and
+//! that output written in as few TLS records and syscalls as the socket allows.
 //!
 //! Packets are decoded, and all but PUBLISHes encoded, by `rumqttc::mqttbytes`; what
 //! this module adds over rumqttc's event loop is the batching. rumqttc writes and

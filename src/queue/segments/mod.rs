@@ -134,19 +134,16 @@ struct Active {
     len: u64,
     /// The file's size: `len` and the room after it.
     file_len: u64,
-    /// Frames are encoded here (large payloads only their heads: `batch`).
-    buffer: Vec<u8>,
 }
 
 impl Active {
     /// Segment `number`, just made by `file::create` with `size` bytes of room.
-    fn created(number: u32, file: Arc<File>, size: u64, buffer: Vec<u8>) -> Self {
+    fn created(number: u32, file: Arc<File>, size: u64) -> Self {
         Self {
             number,
             file,
             len: HEADER_LEN,
             file_len: size.max(HEADER_LEN),
-            buffer,
         }
     }
 }
@@ -158,6 +155,9 @@ pub struct SegmentLog {
     segment_size: u64,
     /// Held by the one appender (also during its `fdatasync`); nobody else takes it.
     active: Mutex<Active>,
+    /// Frames are encoded here (large payloads only their heads: `batch`). Taken by the
+    /// appender after `active`, reused from batch to batch.
+    buffer: Mutex<Vec<u8>>,
     /// The active segment's number; changed and read with `segments` locked.
     active_number: AtomicU32,
     segments: Mutex<BTreeMap<u32, Segment>>,
@@ -329,7 +329,8 @@ impl SegmentLog {
             dir: dir.to_owned(),
             segment_size,
             active_number: AtomicU32::new(number),
-            active: Mutex::new(Active::created(number, active, segment_size, Vec::new())),
+            active: Mutex::new(Active::created(number, active, segment_size)),
+            buffer: Mutex::new(Vec::new()),
             segments: Mutex::new(segments),
         };
         Ok((log, report))
@@ -344,10 +345,7 @@ impl SegmentLog {
     pub fn append(&self, frames: &[Append<'_>]) -> io::Result<Vec<Location>> {
         let mut active = lock(&self.active);
         let active = &mut *active;
-        let mut buffer = std::mem::take(&mut active.buffer);
-        let written = self.write_batch(active, &mut buffer, frames);
-        active.buffer = buffer;
-        let lens = written?;
+        let lens = self.write_batch(active, &mut lock(&self.buffer), frames)?;
         let mut offset = active.len;
         let mut locations = Vec::with_capacity(lens.len());
         for len in lens {
@@ -398,8 +396,7 @@ impl SegmentLog {
         Self::cut_to_frames(active)?;
         let file = Arc::new(file::create(&self.dir, number, self.segment_size)?);
         let closed = active.number;
-        let buffer = std::mem::take(&mut active.buffer);
-        *active = Active::created(number, Arc::clone(&file), self.segment_size, buffer);
+        *active = Active::created(number, Arc::clone(&file), self.segment_size);
         let mut segments = lock(&self.segments);
         segments.insert(
             number,
