@@ -29,7 +29,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use blindgate::queue::record::{FRAME_OVERHEAD, encode_key, read_frame};
+use blindgate::queue::record::{FRAME_OVERHEAD, encode_key, read_frame_seeded};
 use blindgate::queue::{Queue, QueueConfig, RecordId};
 use bytes::Bytes;
 use common::cloud_subscriber::CloudSubscriber;
@@ -287,11 +287,19 @@ fn keys_in_log(queue: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The frames of an undamaged segment's bytes, in order: offset, length, key.
+/// The frames of an undamaged segment's bytes, in order: offset, length, key. In a
+/// segment of format 2 (`BGQSEG02`, then its number) the frames' CRC is seeded with the
+/// segment's number.
 fn frames(bytes: &[u8]) -> Vec<(usize, usize, Vec<u8>)> {
+    let seed = match (bytes.get(..8), bytes.get(8..12)) {
+        (Some(b"BGQSEG02"), Some(number)) => {
+            u32::from_be_bytes(number.try_into().expect("four bytes"))
+        }
+        _ => 0,
+    };
     let mut found = Vec::new();
     let mut at = SEGMENT_HEADER;
-    while let Ok(frame) = read_frame(&bytes[at..]) {
+    while let Ok(frame) = read_frame_seeded(&bytes[at..], seed) {
         found.push((at, frame.len, frame.key.to_vec()));
         at += frame.len;
     }

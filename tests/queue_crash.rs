@@ -4,6 +4,10 @@
 //! queue, and checks that every record reported durable and not acknowledged is there,
 //! intact and in per-device order. Rounds: 20, or `BLINDGATE_CRASH_ROUNDS`.
 //!
+//! Two consumers: one acknowledges every third record (segments never drain), the other
+//! every record, [`LAG`] records behind, with 256 KiB segments: segments drain all the
+//! time and their files are reused, so kills land in every step of a reuse.
+//!
 //! The child is this same test binary, re-run with `--ignored --exact crash_child`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,13 +20,17 @@ use blindgate::queue::{Queue, QueueConfig, RecordId};
 use bytes::Bytes;
 
 const CHILD_DIR: &str = "BLINDGATE_CRASH_CHILD_DIR";
+const CHILD_LAGS: &str = "BLINDGATE_CRASH_CHILD_LAGS";
 const DEVICES: u32 = 8;
+/// Records the lagging consumer leaves unacknowledged behind the newest.
+const LAG: usize = 500;
 
-fn config(path: &Path) -> QueueConfig {
+/// The queue's settings; `small_segments`: 256 KiB segments (an 8 MiB cap).
+fn config(path: &Path, small_segments: bool) -> QueueConfig {
     let mut config = QueueConfig::new(path);
     config.min_free_disk = 0;
-    config.max_bytes = 1 << 30;
-    config.device_quota = 1 << 30;
+    config.max_bytes = if small_segments { 8 << 20 } else { 1 << 30 };
+    config.device_quota = config.max_bytes;
     config
 }
 
@@ -39,9 +47,10 @@ fn crash_child() {
     let Some(dir) = std::env::var_os(CHILD_DIR) else {
         return;
     };
+    let lags = std::env::var_os(CHILD_LAGS).is_some();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async move {
-        let queue = Queue::open(config(Path::new(&dir))).expect("queue opens in child");
+        let queue = Queue::open(config(Path::new(&dir), lags)).expect("queue opens in child");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u32, RecordId)>();
         for device in 0..DEVICES {
             let queue = queue.clone();
@@ -57,11 +66,23 @@ fn crash_child() {
                 }
             });
         }
-        // The consumer acknowledges every third record, as the uplink would.
+        // The consumer acknowledges every third record, or every record LAG behind,
+        // as the uplink would.
         let mut seen = 0u64;
-        while let Some((device, id)) = rx.recv().await {
+        let mut behind = std::collections::VecDeque::new();
+        while let Some(stored) = rx.recv().await {
             seen += 1;
-            if seen.is_multiple_of(3) {
+            let due = if lags {
+                behind.push_back(stored);
+                if behind.len() > LAG {
+                    behind.pop_front()
+                } else {
+                    None
+                }
+            } else {
+                seen.is_multiple_of(3).then_some(stored)
+            };
+            if let Some((device, id)) = due {
                 println!("acking {device} {}", id.0);
                 queue
                     .ack(&format!("dev-{device}"), id)
@@ -79,8 +100,12 @@ struct Reported {
     acked: BTreeSet<(u32, u64)>,
 }
 
-fn run_round(dir: &Path, kill_after: Duration) -> Reported {
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+fn run_round(dir: &Path, kill_after: Duration, lags: bool) -> Reported {
+    let mut command = Command::new(std::env::current_exe().expect("test binary"));
+    if lags {
+        command.env(CHILD_LAGS, "1");
+    }
+    let mut child = command
         .args([
             "--ignored",
             "--exact",
@@ -120,6 +145,16 @@ fn run_round(dir: &Path, kill_after: Duration) -> Reported {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_survives_kill_9_at_random_moments() {
+    kill_rounds(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_reusing_drained_segment_files_survives_kill_9() {
+    kill_rounds(true).await;
+}
+
+/// Kills and checks, round after round; `lags`: the consumer that drains segments.
+async fn kill_rounds(lags: bool) {
     let rounds: u32 = std::env::var("BLINDGATE_CRASH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -135,9 +170,10 @@ async fn queue_survives_kill_9_at_random_moments() {
         seed ^= seed << 17;
         let kill_after = Duration::from_millis(150 + seed % 600);
         let path_for_round = path.clone();
-        let reported = tokio::task::spawn_blocking(move || run_round(&path_for_round, kill_after))
-            .await
-            .expect("round");
+        let reported =
+            tokio::task::spawn_blocking(move || run_round(&path_for_round, kill_after, lags))
+                .await
+                .expect("round");
         total_durable += reported.durable.len();
         for key in &reported.acked {
             expected.remove(key);
@@ -148,7 +184,7 @@ async fn queue_survives_kill_9_at_random_moments() {
             }
         }
 
-        let queue = Queue::open(config(&path)).expect("queue reopens after kill -9");
+        let queue = Queue::open(config(&path, lags)).expect("queue reopens after kill -9");
         let mut present: BTreeMap<(u32, u64), Vec<u8>> = BTreeMap::new();
         for device in 0..DEVICES {
             let records = queue
@@ -177,8 +213,9 @@ async fn queue_survives_kill_9_at_random_moments() {
         queue.close().await.expect("closes");
         drop(queue);
     }
+    let (segments, reused) = log_files(&path.join("log"));
     let summary = format!(
-        "queue crash test: {rounds} rounds, {total_durable} records reported durable, {total_lost} lost"
+        "queue crash test (lagging consumer: {lags}): {rounds} rounds, {total_durable} records reported durable, {total_lost} lost; the log has {segments} segments, {reused} in reused files"
     );
     // Written past the test harness's capture, so CI logs show the figures.
     writeln!(std::io::stdout(), "{summary}").expect("stdout");
@@ -186,4 +223,25 @@ async fn queue_survives_kill_9_at_random_moments() {
         total_durable > 0,
         "the child never reported a durable record"
     );
+    if lags {
+        assert!(reused > 0, "no segment file was reused: {summary}");
+    }
+}
+
+/// Segments in the log directory `dir`, and how many of them reuse an earlier segment's
+/// file (format 2 header: magic, number, previous number not 0).
+fn log_files(dir: &Path) -> (usize, usize) {
+    let (mut segments, mut reused) = (0, 0);
+    for entry in std::fs::read_dir(dir).expect("log directory") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "seg") {
+            continue;
+        }
+        segments += 1;
+        let bytes = std::fs::read(&path).expect("segment");
+        if bytes.get(..8) == Some(b"BGQSEG02") && bytes.get(12..16) != Some(&[0; 4]) {
+            reused += 1;
+        }
+    }
+    (segments, reused)
 }

@@ -589,15 +589,19 @@ impl Inner {
     }
 
     /// Saves the floors and, if the writer is `idle`, gives back the space of a drained
-    /// active segment (not while records flow: that would put a segment's creation and
-    /// its syncs in the way of appends every second). Blocking.
+    /// active segment and of the spare segment file (not while records flow: that would
+    /// put a segment's creation and its syncs in the way of appends every second).
+    /// Blocking.
     fn maintain(&self, idle: bool) {
         let _ = self.save_floors();
         if !idle {
             return;
         }
+        // Before the rotation too: its new segment is then a new, empty file.
+        self.log.drop_spare();
         match self.log.rotate_if_drained(DRAINED_SEGMENT_MIN) {
             Ok(true) => {
+                self.log.drop_spare();
                 self.refresh_free_disk();
             }
             Ok(false) => {}

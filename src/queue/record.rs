@@ -12,6 +12,10 @@
 //! ```
 //!
 //! The CRC-32 covers everything after it. The key inside the value must equal sled's key.
+//! It starts from a seed: 0 in sled values and in segments of format 1, the segment's
+//! number in segments of format 2 (`segments::file`). A frame left in a reused segment
+//! file by the segment it belonged to before then never reads as one of the new
+//! segment's: with another seed, the same bytes give another CRC.
 //!
 //! Value, version 1 (still read, from queues written by earlier releases):
 //! `[0x01][crc32 u32 BE][arrival ms u64 BE][payload]`, the CRC-32 over key, arrival and
@@ -113,14 +117,20 @@ fn checksum_v1(key: &[u8], arrival: &[u8; 8], payload: &[u8]) -> u32 {
 /// Encodes a record's value (version 2) for `key`.
 pub fn encode_value(key: &[u8], arrival_ms: u64, payload: &[u8]) -> Vec<u8> {
     let mut value = Vec::with_capacity(FRAME_OVERHEAD + key.len() + payload.len());
-    encode_frame_into(&mut value, key, arrival_ms, payload);
+    encode_frame_into(&mut value, 0, key, arrival_ms, payload);
     value
 }
 
-/// Appends the version 2 frame of a record to `out` (the segment log writes many
-/// frames into one buffer) and returns the frame's length.
-pub fn encode_frame_into(out: &mut Vec<u8>, key: &[u8], arrival_ms: u64, payload: &[u8]) -> usize {
-    let head = encode_frame_head_into(out, key, arrival_ms, payload);
+/// Appends the version 2 frame of a record, its CRC seeded with `seed`, to `out` (the
+/// segment log writes many frames into one buffer) and returns the frame's length.
+pub fn encode_frame_into(
+    out: &mut Vec<u8>,
+    seed: u32,
+    key: &[u8],
+    arrival_ms: u64,
+    payload: &[u8],
+) -> usize {
+    let head = encode_frame_head_into(out, seed, key, arrival_ms, payload);
     out.extend_from_slice(payload);
     head + payload.len()
 }
@@ -130,6 +140,7 @@ pub fn encode_frame_into(out: &mut Vec<u8>, key: &[u8], arrival_ms: u64, payload
 /// after: the segment log writes it from where it already is, with no copy here.
 pub fn encode_frame_head_into(
     out: &mut Vec<u8>,
+    seed: u32,
     key: &[u8],
     arrival_ms: u64,
     payload: &[u8],
@@ -148,7 +159,7 @@ pub fn encode_frame_head_into(
             .unwrap_or(u32::MAX)
             .to_be_bytes(),
     );
-    let mut crc = crc32fast::Hasher::new();
+    let mut crc = crc32fast::Hasher::new_with_initial(seed);
     crc.update(out.get(start + 8..).unwrap_or_default());
     crc.update(payload);
     if let Some(field) = out.get_mut(start + 4..start + 8) {
@@ -180,12 +191,21 @@ pub enum FrameError {
 }
 
 /// Reads the version 2 frame at the start of `bytes` (which may go on after it) and
-/// checks its CRC and its key's layout.
+/// checks its CRC (seeded with 0) and its key's layout.
 ///
 /// # Errors
 /// [`FrameError::Incomplete`] if `bytes` ends inside the frame, else
 /// [`FrameError::Invalid`].
 pub fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, FrameError> {
+    read_frame_seeded(bytes, 0)
+}
+
+/// [`read_frame`] for a frame whose CRC was seeded with `seed`.
+///
+/// # Errors
+/// As [`read_frame`]; a frame written with another seed is
+/// `Invalid(RecordError::Checksum)`.
+pub fn read_frame_seeded(bytes: &[u8], seed: u32) -> Result<Frame<'_>, FrameError> {
     let invalid = |e| Err(FrameError::Invalid(e));
     let fixed = |range: std::ops::Range<usize>| bytes.get(range).ok_or(FrameError::Incomplete);
     if fixed(0..4)? != FRAME_TAG {
@@ -211,7 +231,9 @@ pub fn read_frame(bytes: &[u8]) -> Result<Frame<'_>, FrameError> {
     }
     let end = len_at + 4 + payload_len;
     let covered = fixed(8..end)?;
-    if crc32fast::hash(covered) != crc {
+    let mut hasher = crc32fast::Hasher::new_with_initial(seed);
+    hasher.update(covered);
+    if hasher.finalize() != crc {
         return invalid(RecordError::Checksum);
     }
     let key = fixed(9..key_end)?;
@@ -427,5 +449,22 @@ mod tests {
             read_frame(&damaged),
             Err(FrameError::Invalid(RecordError::Checksum))
         );
+    }
+
+    #[test]
+    fn a_frame_reads_only_with_the_seed_it_was_written_with() {
+        let key = encode_key("valve-3", RecordId(5));
+        for (seed, other) in [(0, 1), (7, 8), (u32::MAX, 0), (1, u32::MAX)] {
+            let mut raw = Vec::new();
+            let len = encode_frame_into(&mut raw, seed, &key, 3, b"envelope");
+            assert_eq!(read_frame_seeded(&raw, seed).map(|f| f.len), Ok(len));
+            assert_eq!(
+                read_frame_seeded(&raw, other),
+                Err(FrameError::Invalid(RecordError::Checksum)),
+                "written with {seed}, read with {other}"
+            );
+        }
+        let value = encode_value(&key, 3, b"envelope");
+        assert_eq!(read_frame(&value), read_frame_seeded(&value, 0));
     }
 }

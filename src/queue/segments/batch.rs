@@ -26,32 +26,39 @@ pub(super) struct Batch<'a> {
     payloads: Vec<(usize, &'a [u8])>,
     /// Each frame's length, in order.
     pub(super) lens: Vec<usize>,
-    /// Bytes the batch takes in the file.
-    pub(super) len: u64,
 }
 
 impl<'a> Batch<'a> {
-    /// Encodes `frames` (clearing `buffer` first).
-    pub(super) fn encode(buffer: &'a mut Vec<u8>, frames: &[Append<'a>]) -> Self {
+    /// Bytes `frames` will take in the file (known before the segment, and so the seed,
+    /// is chosen).
+    pub(super) fn len_of(frames: &[Append<'_>]) -> u64 {
+        frames
+            .iter()
+            .map(|f| (record::FRAME_OVERHEAD + f.key.len() + f.payload.len()) as u64)
+            .sum()
+    }
+
+    /// Encodes `frames` with their CRC seeded with `seed` (clearing `buffer` first).
+    pub(super) fn encode(buffer: &'a mut Vec<u8>, seed: u32, frames: &[Append<'a>]) -> Self {
         buffer.clear();
         let mut payloads = Vec::new();
         let mut lens = Vec::with_capacity(frames.len());
         for frame in frames {
             let (key, arrival_ms, payload) = (frame.key, frame.arrival_ms, frame.payload);
             if payload.len() < COPY_BELOW {
-                lens.push(record::encode_frame_into(buffer, key, arrival_ms, payload));
+                lens.push(record::encode_frame_into(
+                    buffer, seed, key, arrival_ms, payload,
+                ));
             } else {
-                let head = record::encode_frame_head_into(buffer, key, arrival_ms, payload);
+                let head = record::encode_frame_head_into(buffer, seed, key, arrival_ms, payload);
                 payloads.push((buffer.len(), payload));
                 lens.push(head + payload.len());
             }
         }
-        let len = lens.iter().map(|&len| len as u64).sum();
         Self {
             buffer,
             payloads,
             lens,
-            len,
         }
     }
 
@@ -105,6 +112,8 @@ mod tests {
     use crate::queue::record::{self, RecordId};
     use crate::queue::segments::Append;
 
+    const SEED: u32 = 0x5EED;
+
     /// Payloads around the copy threshold, and more large ones than one call takes.
     fn payloads() -> Vec<Vec<u8>> {
         let mut sizes = vec![0, 1, COPY_BELOW - 1, COPY_BELOW, COPY_BELOW + 1, 16 << 10];
@@ -138,6 +147,7 @@ mod tests {
         for frame in &frames {
             let len = record::encode_frame_into(
                 &mut expected,
+                SEED,
                 frame.key,
                 frame.arrival_ms,
                 frame.payload,
@@ -154,9 +164,9 @@ mod tests {
             .open(dir.path().join("segment"))
             .expect("file");
         let mut buffer = vec![7; 100];
-        let batch = Batch::encode(&mut buffer, &frames);
+        let batch = Batch::encode(&mut buffer, SEED, &frames);
         assert_eq!(batch.lens, expected_lens);
-        assert_eq!(batch.len, expected.len() as u64);
+        assert_eq!(Batch::len_of(&frames), expected.len() as u64);
         batch.write_at(&file, 16).expect("written");
 
         let mut written = vec![0; expected.len()];
@@ -164,7 +174,7 @@ mod tests {
         assert!(written == expected, "the file differs from the frames");
         let mut at = 0;
         for (payload, key) in payloads.iter().zip(&keys) {
-            let frame = record::read_frame(&written[at..]).expect("a valid frame");
+            let frame = record::read_frame_seeded(&written[at..], SEED).expect("a valid frame");
             assert_eq!(
                 (frame.key, frame.payload),
                 (key.as_slice(), payload.as_slice())

@@ -23,13 +23,16 @@
 //!   never writes into an old segment: appends go to a new one.
 //! - [`SegmentLog::read`] reads one frame back with `pread` and checks its CRC again.
 //! - [`SegmentLog::release`] forgets one record; a closed segment with no records left
-//!   is deleted.
+//!   is deleted, or kept as the spare file the next segment reuses (`file::reuse`): one
+//!   at most, and none while the queue is idle ([`SegmentLog::drop_spare`]) or the disk
+//!   is full. A reader that still holds the segment's file keeps it from reuse.
 //!
 //! The log knows nothing of devices or acknowledgements; the queue keeps those.
 
 mod batch;
 mod file;
 mod scan;
+mod spare;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -45,6 +48,7 @@ use super::record::{self, Frame};
 
 use batch::Batch;
 use file::HEADER_LEN;
+use spare::Spare;
 
 /// The default size at which a segment is closed and the next one started.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 8 << 20;
@@ -119,6 +123,8 @@ pub struct OpenReport {
 #[derive(Debug)]
 struct Segment {
     file: Arc<File>,
+    /// The seed of its frames' CRC (`file::Header`).
+    seed: u32,
     /// Records appended or kept at open and not yet released.
     live: u64,
     /// Bytes of header and frames (the active segment's file is longer).
@@ -130,6 +136,8 @@ struct Segment {
 struct Active {
     number: u32,
     file: Arc<File>,
+    /// The seed of its frames' CRC: its number (format 2).
+    seed: u32,
     /// Where the next frame goes.
     len: u64,
     /// The file's size: `len` and the room after it.
@@ -142,6 +150,7 @@ impl Active {
         Self {
             number,
             file,
+            seed: number,
             len: HEADER_LEN,
             file_len: size.max(HEADER_LEN),
         }
@@ -161,6 +170,8 @@ pub struct SegmentLog {
     /// The active segment's number; changed and read with `segments` locked.
     active_number: AtomicU32,
     segments: Mutex<BTreeMap<u32, Segment>>,
+    /// A drained segment's file, renamed to `file::SPARE`, for the next segment.
+    spare: Mutex<Option<Spare>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -177,6 +188,7 @@ fn truncate(path: &Path, len: u64) -> io::Result<()> {
 /// A segment read at open.
 struct Scanned {
     file: File,
+    seed: u32,
     /// Bytes in the file.
     len: u64,
     /// Frames `keep` kept.
@@ -196,10 +208,12 @@ fn scan_segment(
 ) -> io::Result<Scanned> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
+    let header = file::read_header(&file, number)?;
     let mut live = 0;
     let mut frames = 0;
     let mut cut_at = None;
-    let outcome = scan::scan(&file, HEADER_LEN.min(len), len, |offset, frame| {
+    let range = (HEADER_LEN.min(len), len);
+    let outcome = scan::scan(&file, range, header.seed, |offset, frame| {
         frames += 1;
         let at = Location {
             segment: number,
@@ -213,12 +227,17 @@ fn scan_segment(
     report.frames += frames;
     for (offset, damaged) in outcome.damaged {
         if newest && offset + damaged == len {
+            cut_at = Some(offset);
+            if header.reused {
+                // The rest is the earlier segment's frames (and perhaps a torn batch
+                // over some of them): nothing to tell apart, nothing to report.
+                continue;
+            }
             // The room never written is zeros; anything before it is a torn batch.
             let written_end = scan::zeros_from(&file, offset, len)?;
             if written_end > offset {
                 report.torn_tail = Some((number, offset, written_end - offset));
             }
-            cut_at = Some(offset);
             continue;
         }
         let keep_len = usize::try_from(damaged)
@@ -235,6 +254,7 @@ fn scan_segment(
     }
     Ok(Scanned {
         file,
+        seed: header.seed,
         len,
         live,
         cut_at,
@@ -281,6 +301,11 @@ impl SegmentLog {
         mut keep: impl FnMut(Location, &Frame<'_>) -> bool,
     ) -> io::Result<(Self, OpenReport)> {
         std::fs::create_dir_all(dir)?;
+        // A spare left by the last run (or a crash while it was being reused).
+        match std::fs::remove_file(dir.join(file::SPARE)) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
         let mut report = OpenReport::default();
         let mut segments = BTreeMap::new();
         let listed = file::list(dir)?;
@@ -291,6 +316,7 @@ impl SegmentLog {
             let newest = Some(number) == newest;
             let Scanned {
                 file,
+                seed,
                 mut len,
                 live,
                 cut_at,
@@ -308,7 +334,15 @@ impl SegmentLog {
             }
             report.kept += live;
             let file = Arc::new(file);
-            segments.insert(number, Segment { file, live, len });
+            segments.insert(
+                number,
+                Segment {
+                    file,
+                    seed,
+                    live,
+                    len,
+                },
+            );
         }
         if report.deleted > 0 {
             file::sync_dir(dir)?;
@@ -321,6 +355,7 @@ impl SegmentLog {
             number,
             Segment {
                 file: Arc::clone(&active),
+                seed: number,
                 live: 0,
                 len: HEADER_LEN,
             },
@@ -332,6 +367,7 @@ impl SegmentLog {
             active: Mutex::new(Active::created(number, active, segment_size)),
             buffer: Mutex::new(Vec::new()),
             segments: Mutex::new(segments),
+            spare: Mutex::new(None),
         };
         Ok((log, report))
     }
@@ -367,22 +403,31 @@ impl SegmentLog {
     }
 
     /// Writes `frames` after the active segment's last frame, in the next segment if
-    /// they do not fit, and syncs. Returns each frame's length.
+    /// they do not fit, and syncs. Returns each frame's length. A full disk first costs
+    /// the spare its space.
     fn write_batch(
         &self,
         active: &mut Active,
         buffer: &mut Vec<u8>,
         frames: &[Append<'_>],
     ) -> io::Result<Vec<usize>> {
-        let batch = Batch::encode(buffer, frames);
-        if active.len > HEADER_LEN && active.len + batch.len > self.segment_size {
+        let len = Batch::len_of(frames);
+        if active.len > HEADER_LEN && active.len + len > self.segment_size {
             self.start_segment(active)?;
         }
-        if active.len + batch.len > u64::from(u32::MAX) {
+        if active.len + len > u64::from(u32::MAX) {
             return Err(too_large("batch"));
         }
-        batch.write_at(&active.file, active.len)?;
-        active.file.sync_data()?;
+        let batch = Batch::encode(buffer, active.seed, frames);
+        let written = batch
+            .write_at(&active.file, active.len)
+            .and_then(|()| active.file.sync_data());
+        if let Err(err) = written {
+            if err.kind() == io::ErrorKind::StorageFull {
+                self.drop_spare();
+            }
+            return Err(err);
+        }
         Ok(batch.lens)
     }
 
@@ -394,7 +439,7 @@ impl SegmentLog {
             .ok_or_else(|| too_large("segment number"))?;
         // Cut to its frames before the next exists: only the newest segment has room.
         Self::cut_to_frames(active)?;
-        let file = Arc::new(file::create(&self.dir, number, self.segment_size)?);
+        let file = Arc::new(self.next_file(number)?);
         let closed = active.number;
         *active = Active::created(number, Arc::clone(&file), self.segment_size);
         let mut segments = lock(&self.segments);
@@ -402,15 +447,18 @@ impl SegmentLog {
             number,
             Segment {
                 file,
+                seed: number,
                 live: 0,
                 len: HEADER_LEN,
             },
         );
         self.active_number.store(number, Ordering::Relaxed);
         if segments.get(&closed).is_some_and(|s| s.live == 0) {
-            segments.remove(&closed);
+            let segment = segments.remove(&closed);
             drop(segments);
-            self.delete(closed);
+            if let Some(segment) = segment {
+                self.retire(closed, segment.file);
+            }
         }
         Ok(())
     }
@@ -450,13 +498,13 @@ impl SegmentLog {
     /// `NotFound` if its segment is gone, `InvalidData` if the frame is damaged, or the
     /// OS error of the read.
     pub fn read(&self, at: Location) -> io::Result<StoredFrame> {
-        let file = lock(&self.segments)
+        let (file, seed) = lock(&self.segments)
             .get(&at.segment)
-            .map(|segment| Arc::clone(&segment.file))
+            .map(|segment| (Arc::clone(&segment.file), segment.seed))
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "segment deleted"))?;
         let mut bytes = vec![0; at.len as usize];
         file.read_exact_at(&mut bytes, u64::from(at.offset))?;
-        let frame = record::read_frame(&bytes)
+        let frame = record::read_frame_seeded(&bytes, seed)
             .ok()
             .filter(|frame| frame.len == bytes.len())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "damaged frame"))?;
@@ -480,17 +528,11 @@ impl SegmentLog {
         };
         segment.live = segment.live.saturating_sub(1);
         if segment.live == 0 && at.segment != active {
-            segments.remove(&at.segment);
+            let segment = segments.remove(&at.segment);
             drop(segments);
-            self.delete(at.segment);
-        }
-    }
-
-    /// Removes a segment's file. A failure leaves a file the next open deletes (none of
-    /// its records is still queued), so it is logged, not returned.
-    fn delete(&self, number: u32) {
-        if let Err(err) = std::fs::remove_file(self.dir.join(file::name(number))) {
-            tracing::warn!(error = %err, segment = number, "could not delete an emptied queue segment");
+            if let Some(segment) = segment {
+                self.retire(at.segment, segment.file);
+            }
         }
     }
 

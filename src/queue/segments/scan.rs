@@ -65,10 +65,11 @@ impl Window<'_> {
 /// Bytes of a frame up to and including its payload length field, with the longest key.
 const LONGEST_PREFIX: usize = record::FRAME_OVERHEAD + 255;
 
-/// Reads the frame at `pos`: `Ok(Some)` a valid frame, `Ok(None)` not one.
-fn frame_at<'w>(window: &'w mut Window<'_>, pos: u64) -> io::Result<Option<Frame<'w>>> {
+/// Reads the frame at `pos`, its CRC seeded with `seed`: `Ok(Some)` a valid frame,
+/// `Ok(None)` not one.
+fn frame_at<'w>(window: &'w mut Window<'_>, pos: u64, seed: u32) -> io::Result<Option<Frame<'w>>> {
     let prefix = window.get(pos, LONGEST_PREFIX)?;
-    let total = match record::read_frame(prefix) {
+    let total = match record::read_frame_seeded(prefix, seed) {
         Ok(frame) => frame.len,
         Err(FrameError::Invalid(_)) => return Ok(None),
         Err(FrameError::Incomplete) => match announced_len(prefix) {
@@ -77,7 +78,7 @@ fn frame_at<'w>(window: &'w mut Window<'_>, pos: u64) -> io::Result<Option<Frame
         },
     };
     let bytes = window.get(pos, total)?;
-    Ok(record::read_frame(bytes).ok())
+    Ok(record::read_frame_seeded(bytes, seed).ok())
 }
 
 /// The whole length a frame prefix announces, if the prefix is long enough to say.
@@ -121,14 +122,14 @@ fn next_tag(window: &mut Window<'_>, pos: u64) -> io::Result<u64> {
 }
 
 /// Calls `each(offset, frame)` for every valid frame of `file` between `start` and
-/// `len`, in order.
+/// `len` (CRC seeded with `seed`), in order.
 ///
 /// # Errors
 /// The OS error of a read; `each`'s own verdicts are its business.
 pub(super) fn scan(
     file: &File,
-    start: u64,
-    len: u64,
+    (start, len): (u64, u64),
+    seed: u32,
     mut each: impl FnMut(u64, &Frame<'_>),
 ) -> io::Result<ScanOutcome> {
     let mut window = Window {
@@ -143,14 +144,14 @@ pub(super) fn scan(
     };
     let mut pos = start;
     while pos < len {
-        if let Some(frame) = frame_at(&mut window, pos)? {
+        if let Some(frame) = frame_at(&mut window, pos, seed)? {
             each(pos, &frame);
             pos += frame.len as u64;
             outcome.valid_end = pos;
             continue;
         }
         let mut next = next_tag(&mut window, pos)?;
-        while next < len && frame_at(&mut window, next)?.is_none() {
+        while next < len && frame_at(&mut window, next, seed)?.is_none() {
             next = next_tag(&mut window, next)?;
         }
         outcome.damaged.push((pos, next - pos));
@@ -187,23 +188,36 @@ mod tests {
     use super::{CHUNK, scan, zeros_from};
     use crate::queue::record::{RecordId, encode_frame_into, encode_key};
 
+    /// A 16-byte header, then `count` frames seeded with 7.
     fn frames(count: u64, payload_len: usize) -> (Vec<u8>, Vec<u64>) {
         let mut bytes = vec![0xAA; 16];
+        let offsets = append_frames(&mut bytes, 0..count, payload_len, SEED);
+        (bytes, offsets)
+    }
+
+    const SEED: u32 = 7;
+
+    fn append_frames(
+        bytes: &mut Vec<u8>,
+        ids: std::ops::Range<u64>,
+        payload_len: usize,
+        seed: u32,
+    ) -> Vec<u64> {
         let mut offsets = Vec::new();
-        for id in 0..count {
+        for id in ids {
             offsets.push(bytes.len() as u64);
             let key = encode_key("dev", RecordId(id));
             let payload = vec![(id % 251) as u8; payload_len];
-            encode_frame_into(&mut bytes, &key, id, &payload);
+            encode_frame_into(bytes, seed, &key, id, &payload);
         }
-        (bytes, offsets)
+        offsets
     }
 
     fn scanned(bytes: &[u8]) -> (Vec<u64>, super::ScanOutcome) {
         let mut file = tempfile::tempfile().expect("tempfile");
         file.write_all(bytes).expect("write");
         let mut seen = Vec::new();
-        let outcome = scan(&file, 16, bytes.len() as u64, |_, frame| {
+        let outcome = scan(&file, (16, bytes.len() as u64), SEED, |_, frame| {
             seen.push(frame.arrival_ms);
         })
         .expect("scan");
@@ -240,6 +254,21 @@ mod tests {
         assert_eq!(seen, (0..9).collect::<Vec<_>>());
         assert_eq!(outcome.valid_end, offsets[9]);
         assert_eq!(outcome.damaged, [(offsets[9], 100)]);
+    }
+
+    #[test]
+    fn frames_of_another_seed_are_not_frames() {
+        // A reused file: this segment's frames, then the end of an earlier segment's.
+        let (mut bytes, offsets) = frames(10, 300);
+        let end = bytes.len() as u64;
+        let mut earlier = Vec::new();
+        append_frames(&mut earlier, 100..140, 300, SEED + 1);
+        bytes.extend_from_slice(&earlier[150..]);
+        let (seen, outcome) = scanned(&bytes);
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        assert_eq!(outcome.valid_end, end);
+        assert_eq!(outcome.damaged, [(end, bytes.len() as u64 - end)]);
+        assert_eq!(offsets.len(), 10);
     }
 
     #[test]

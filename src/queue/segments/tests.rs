@@ -296,3 +296,99 @@ fn after_a_crash_the_room_is_cut_off_silently_and_a_torn_batch_in_it_is_reported
     assert_eq!(report.torn_tail, Some((at.segment, frames_end, 150)));
     assert_eq!(sizes(dir.path(), at).1, frames_end);
 }
+
+/// Releases every record of segment `number` among `locations`.
+fn release_segment(log: &SegmentLog, locations: &[Location], number: u32) -> HashSet<u64> {
+    let mut released = HashSet::new();
+    for (id, at) in (0u64..).zip(locations) {
+        if at.segment == number {
+            log.release(*at);
+            released.insert(id);
+        }
+    }
+    released
+}
+
+#[test]
+fn a_drained_segment_file_is_reused_and_its_frames_never_come_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spare = dir.path().join(file::SPARE);
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let mut locations = append(&log, 0..400, 300, 20);
+    let first = locations[0].segment;
+    let released = release_segment(&log, &locations, first);
+    assert!(spare.exists(), "the drained segment is kept");
+    assert!(!dir.path().join(file::name(first)).exists());
+    // Append until a batch starts a new segment: it is written into the spare.
+    let active = locations[399].segment;
+    let mut next = 400;
+    while locations.last().expect("some").segment == active {
+        locations.extend(append(&log, next..next + 20, 300, 20));
+        next += 20;
+    }
+    let reused = locations.last().expect("some").segment;
+    assert!(!spare.exists(), "the spare became segment {reused}");
+    let header = std::fs::read(dir.path().join(file::name(reused))).expect("read");
+    assert_eq!(
+        &header[8..16],
+        &[reused.to_be_bytes(), first.to_be_bytes()].concat()[..]
+    );
+    for (id, at) in (0u64..).zip(&locations).skip(400) {
+        assert_eq!(log.read(*at).expect("read").key, key(id));
+    }
+    // A crash: the reused file keeps the first segment's frames after the new ones.
+    std::mem::forget(log);
+    let (log, kept, report) = reopen(dir.path(), |_| true);
+    let expected: Vec<u64> = (0..next).filter(|id| !released.contains(id)).collect();
+    assert_eq!(kept, expected, "no frame of the first segment comes back");
+    assert!(report.damaged.is_empty());
+    assert_eq!(report.torn_tail, None);
+    let at = *locations.last().expect("some");
+    assert_eq!(
+        sizes(dir.path(), at).1,
+        u64::from(at.offset + at.len),
+        "cut"
+    );
+    drop(log);
+}
+
+#[test]
+fn a_segment_still_being_read_is_deleted_not_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let locations = append(&log, 0..400, 300, 20);
+    let first = locations[0].segment;
+    let held = std::sync::Arc::clone(&super::lock(&log.segments)[&first].file);
+    release_segment(&log, &locations, first);
+    assert!(!dir.path().join(file::SPARE).exists());
+    assert!(!dir.path().join(file::name(first)).exists());
+    drop(held);
+    // The next drained segment is kept; an idle queue gives its space back.
+    release_segment(&log, &locations, first + 1);
+    assert!(dir.path().join(file::SPARE).exists());
+    log.drop_spare();
+    assert!(!dir.path().join(file::SPARE).exists());
+}
+
+#[test]
+fn segments_of_format_1_are_still_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut bytes = b"BGQSEG01".to_vec();
+    bytes.extend_from_slice(&3u64.to_be_bytes());
+    for id in 0..5 {
+        crate::queue::record::encode_frame_into(&mut bytes, 0, &key(id), id, &payload(id, 40));
+    }
+    std::fs::write(dir.path().join(file::name(3)), &bytes).expect("write");
+    // A spare left by a crash is removed at open.
+    std::fs::write(dir.path().join(file::SPARE), b"BGQSEG02 leftover").expect("write");
+    let (log, kept, report) = reopen(dir.path(), |_| true);
+    assert_eq!(kept, (0..5).collect::<Vec<_>>());
+    assert!(report.damaged.is_empty() && report.torn_tail.is_none());
+    assert!(!dir.path().join(file::SPARE).exists());
+    let at = Location {
+        segment: 3,
+        offset: u32::try_from(HEADER_LEN).expect("small"),
+        len: u32::try_from(bytes.len() - 16).expect("small") / 5,
+    };
+    assert_eq!(log.read(at).expect("read").key, key(0));
+}
