@@ -457,7 +457,7 @@ impl SegmentLog {
             let segment = segments.remove(&closed);
             drop(segments);
             if let Some(segment) = segment {
-                self.retire(closed, segment.file);
+                self.retire(closed, segment);
             }
         }
         Ok(())
@@ -531,14 +531,15 @@ impl SegmentLog {
             let segment = segments.remove(&at.segment);
             drop(segments);
             if let Some(segment) = segment {
-                self.retire(at.segment, segment.file);
+                self.retire(at.segment, segment);
             }
         }
     }
 
-    /// Bytes in the log's files.
+    /// Bytes in the log's files, the spare's included.
     pub fn disk_bytes(&self) -> u64 {
-        lock(&self.segments).values().map(|s| s.len).sum()
+        let spare = lock(&self.spare).as_ref().map_or(0, |spare| spare.len);
+        lock(&self.segments).values().map(|s| s.len).sum::<u64>() + spare
     }
 
     /// Segment files the log has open.

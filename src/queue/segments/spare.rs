@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
-use super::{SegmentLog, file, lock};
+use super::{Segment, SegmentLog, file, lock};
 
 /// The file of a drained segment, kept for reuse.
 #[derive(Debug)]
@@ -17,6 +17,8 @@ pub(super) struct Spare {
     file: File,
     /// The segment it was.
     number: u32,
+    /// Its bytes (counted in the log's disk bytes).
+    pub(super) len: u64,
 }
 
 impl SegmentLog {
@@ -45,7 +47,8 @@ impl SegmentLog {
     /// if there is none yet and nobody still reads it, else deleted. A failure leaves a
     /// file the next open deletes (none of its records is still queued), so it is
     /// logged, not returned.
-    pub(super) fn retire(&self, number: u32, file: Arc<File>) {
+    pub(super) fn retire(&self, number: u32, segment: Segment) {
+        let Segment { file, len, .. } = segment;
         let path = self.dir.join(file::name(number));
         let mut spare = lock(&self.spare);
         if spare.is_none()
@@ -53,7 +56,7 @@ impl SegmentLog {
         {
             match std::fs::rename(&path, self.dir.join(file::SPARE)) {
                 Ok(()) => {
-                    *spare = Some(Spare { file, number });
+                    *spare = Some(Spare { file, number, len });
                     return;
                 }
                 Err(err) => {

@@ -101,6 +101,11 @@ fn a_segment_is_deleted_when_its_last_record_is_released() {
         log.release(*at);
     }
     assert_eq!(files(), 1, "only the active segment is left");
+    assert!(
+        log.disk_bytes() > log_len(&log),
+        "and the spare, kept for reuse"
+    );
+    log.drop_spare();
     assert_eq!(log.disk_bytes(), log_len(&log));
 }
 
@@ -221,6 +226,10 @@ fn a_drained_active_segment_is_replaced_so_its_space_comes_back() {
         "too small to bother"
     );
     assert!(log.rotate_if_drained(1).expect("rotate"));
+    let drained = u64::from(locations[9].offset + locations[9].len);
+    assert_eq!(log.disk_bytes(), HEADER_LEN + drained, "the spare counts");
+    // What the queue does when idle.
+    log.drop_spare();
     assert_eq!(log.disk_bytes(), HEADER_LEN);
     assert_eq!(file::list(dir.path()).expect("list").len(), 1);
     assert!(
