@@ -129,7 +129,8 @@ pub(super) fn create(dir: &Path, number: u32, size: u64) -> io::Result<File> {
 /// directory. A crash before the rename leaves the spare, which the next open removes.
 ///
 /// # Errors
-/// The OS error; the spare is then removed (best effort).
+/// The OS error; the file is then removed under either name (best effort), so that
+/// segment `number` can still be created new.
 pub(super) fn reuse(
     dir: &Path,
     spare: &File,
@@ -138,16 +139,19 @@ pub(super) fn reuse(
     size: u64,
 ) -> io::Result<()> {
     let spare_path = dir.join(SPARE);
-    let made = spare
+    let path = dir.join(name(number));
+    let renamed = spare
         .write_all_at(&header(number, previous), 0)
         .and_then(|()| spare.set_len(size.max(HEADER_LEN)))
         .and_then(|()| spare.sync_all())
-        .and_then(|()| std::fs::rename(&spare_path, dir.join(name(number))))
-        .and_then(|()| sync_dir(dir));
-    if made.is_err() {
+        .and_then(|()| std::fs::rename(&spare_path, &path));
+    if let Err(err) = renamed {
         let _ = std::fs::remove_file(&spare_path);
+        return Err(err);
     }
-    made
+    sync_dir(dir).inspect_err(|_| {
+        let _ = std::fs::remove_file(&path);
+    })
 }
 
 /// Every segment in `dir`, by number. Other files are not the log's.
@@ -238,5 +242,11 @@ mod tests {
         assert!(!dir.path().join(super::SPARE).exists());
         assert_eq!(read_header(&spare, 6).expect("read"), expect(6, true));
         assert_eq!(spare.metadata().expect("len").len(), 4096);
+        // A reuse that fails leaves no file behind: the segment can still be created.
+        std::fs::write(dir.path().join(super::SPARE), b"drained").expect("write");
+        let read_only = std::fs::File::open(dir.path().join(super::SPARE)).expect("open");
+        assert!(super::reuse(dir.path(), &read_only, 6, 7, 4096).is_err());
+        assert!(!dir.path().join(super::SPARE).exists());
+        super::create(dir.path(), 7, 4096).expect("created new");
     }
 }
