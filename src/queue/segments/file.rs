@@ -34,8 +34,9 @@ use std::path::{Path, PathBuf};
 pub(super) const MAGIC: [u8; 8] = *b"BGQSEG02";
 /// The first eight bytes of a segment of format 1 (frames seeded with 0).
 const MAGIC_1: [u8; 8] = *b"BGQSEG01";
-/// The file name of the drained segment kept for reuse (never a segment's name).
-pub(super) const SPARE: &str = "spare";
+/// The start of the name of a drained segment's file kept for reuse (never a segment's
+/// name).
+const SPARE_PREFIX: &str = "spare-";
 /// Bytes before the first frame.
 pub(super) const HEADER_LEN: u64 = 16;
 const SUFFIX: &str = ".seg";
@@ -43,6 +44,31 @@ const SUFFIX: &str = ".seg";
 /// The file name of segment `number`.
 pub(super) fn name(number: u32) -> String {
     format!("{number:016x}{SUFFIX}")
+}
+
+/// The name of segment `number`'s file while it is kept for reuse: its own, so that a
+/// segment retired while another spare is being reused never takes that one's name.
+pub(super) fn spare_name(number: u32) -> String {
+    format!("{SPARE_PREFIX}{number:016x}")
+}
+
+/// Removes every spare in `dir` (at open: left by the last run, or by a crash during a
+/// reuse).
+///
+/// # Errors
+/// The OS error of reading the directory or removing a spare.
+pub(super) fn remove_spares(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SPARE_PREFIX)
+        {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// The segment number in a file name, if it is a segment's name.
@@ -124,7 +150,7 @@ pub(super) fn create(dir: &Path, number: u32, size: u64) -> io::Result<File> {
     Ok(file)
 }
 
-/// Makes `spare` (the file at [`SPARE`], segment `previous` before) segment `number`,
+/// Makes `spare` (segment `previous` before, at [`spare_name`]) segment `number`,
 /// `size` bytes long: writes its header, syncs the file, renames it and syncs the
 /// directory. A crash before the rename leaves the spare, which the next open removes.
 ///
@@ -138,7 +164,7 @@ pub(super) fn reuse(
     number: u32,
     size: u64,
 ) -> io::Result<()> {
-    let spare_path = dir.join(SPARE);
+    let spare_path = dir.join(spare_name(previous));
     let path = dir.join(name(number));
     let renamed = spare
         .write_all_at(&header(number, previous), 0)
@@ -232,21 +258,25 @@ mod tests {
         std::fs::write(&path, [0xEE; 16]).expect("write");
         let damaged = std::fs::File::open(&path).expect("open");
         assert_eq!(read_header(&damaged, 9).expect("read"), expect(9, false));
+        let spare_path = dir.path().join(super::spare_name(5));
         let spare = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(dir.path().join(super::SPARE))
+            .open(&spare_path)
             .expect("spare");
         super::reuse(dir.path(), &spare, 5, 6, 4096).expect("reuse");
-        assert!(!dir.path().join(super::SPARE).exists());
+        assert!(!spare_path.exists());
         assert_eq!(read_header(&spare, 6).expect("read"), expect(6, true));
         assert_eq!(spare.metadata().expect("len").len(), 4096);
         // A reuse that fails leaves no file behind: the segment can still be created.
-        std::fs::write(dir.path().join(super::SPARE), b"drained").expect("write");
-        let read_only = std::fs::File::open(dir.path().join(super::SPARE)).expect("open");
+        let spare_path = dir.path().join(super::spare_name(6));
+        std::fs::write(&spare_path, b"drained").expect("write");
+        let read_only = std::fs::File::open(&spare_path).expect("open");
         assert!(super::reuse(dir.path(), &read_only, 6, 7, 4096).is_err());
-        assert!(!dir.path().join(super::SPARE).exists());
+        assert!(!spare_path.exists());
         super::create(dir.path(), 7, 4096).expect("created new");
+        assert_eq!(super::spare_name(6), "spare-0000000000000006");
+        assert_eq!(number_of(&super::spare_name(6)), None, "not a segment");
     }
 }

@@ -170,7 +170,7 @@ pub struct SegmentLog {
     /// The active segment's number; changed and read with `segments` locked.
     active_number: AtomicU32,
     segments: Mutex<BTreeMap<u32, Segment>>,
-    /// A drained segment's file, renamed to `file::SPARE`, for the next segment.
+    /// A drained segment's file, renamed to `file::spare_name`, for the next segment.
     spare: Mutex<Option<Spare>>,
 }
 
@@ -301,11 +301,8 @@ impl SegmentLog {
         mut keep: impl FnMut(Location, &Frame<'_>) -> bool,
     ) -> io::Result<(Self, OpenReport)> {
         std::fs::create_dir_all(dir)?;
-        // A spare left by the last run (or a crash while it was being reused).
-        match std::fs::remove_file(dir.join(file::SPARE)) {
-            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
-            _ => {}
-        }
+        // Spares left by the last run (or by a crash while one was being reused).
+        file::remove_spares(dir)?;
         let mut report = OpenReport::default();
         let mut segments = BTreeMap::new();
         let listed = file::list(dir)?;

@@ -2,8 +2,9 @@
 //!
 //! Its blocks are allocated and its pages are likely still in the page cache, so the
 //! next segment's appends overwrite them instead of allocating both (`file::reuse`; why
-//! that is safe: segment format 2 in `file`). One spare at most; a file that a reader
-//! still holds is deleted instead; an idle queue and a full disk delete the spare.
+//! that is safe: segment format 2 in `file`). One spare at most, under a name of its own
+//! (`file::spare_name`); a file that a reader still holds is deleted instead; an idle
+//! queue and a full disk delete the spare.
 
 use std::fs::File;
 use std::io;
@@ -14,9 +15,9 @@ use super::{Segment, SegmentLog, file, lock};
 /// The file of a drained segment, kept for reuse.
 #[derive(Debug)]
 pub(super) struct Spare {
-    file: File,
+    pub(super) file: File,
     /// The segment it was.
-    number: u32,
+    pub(super) number: u32,
     /// Its bytes (counted in the log's disk bytes).
     pub(super) len: u64,
 }
@@ -54,7 +55,7 @@ impl SegmentLog {
         if spare.is_none()
             && let Ok(file) = Arc::try_unwrap(file)
         {
-            match std::fs::rename(&path, self.dir.join(file::SPARE)) {
+            match std::fs::rename(&path, self.dir.join(file::spare_name(number))) {
                 Ok(()) => {
                     *spare = Some(Spare { file, number, len });
                     return;
@@ -73,8 +74,9 @@ impl SegmentLog {
     /// Deletes the spare, if any: an idle queue keeps no disk space it does not need,
     /// and a full disk gets it back.
     pub fn drop_spare(&self) {
-        if lock(&self.spare).take().is_some()
-            && let Err(err) = std::fs::remove_file(self.dir.join(file::SPARE))
+        let spare = lock(&self.spare).take();
+        if let Some(spare) = spare
+            && let Err(err) = std::fs::remove_file(self.dir.join(file::spare_name(spare.number)))
         {
             tracing::warn!(error = %err, "could not delete the spare queue segment");
         }

@@ -321,10 +321,10 @@ fn release_segment(log: &SegmentLog, locations: &[Location], number: u32) -> Has
 #[test]
 fn a_drained_segment_file_is_reused_and_its_frames_never_come_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let spare = dir.path().join(file::SPARE);
     let (log, _, _) = reopen(dir.path(), |_| true);
     let mut locations = append(&log, 0..400, 300, 20);
     let first = locations[0].segment;
+    let spare = dir.path().join(file::spare_name(first));
     let released = release_segment(&log, &locations, first);
     assert!(spare.exists(), "the drained segment is kept");
     assert!(!dir.path().join(file::name(first)).exists());
@@ -369,14 +369,49 @@ fn a_segment_still_being_read_is_deleted_not_reused() {
     let first = locations[0].segment;
     let held = std::sync::Arc::clone(&super::lock(&log.segments)[&first].file);
     release_segment(&log, &locations, first);
-    assert!(!dir.path().join(file::SPARE).exists());
+    assert_eq!(spares(dir.path()), 0);
     assert!(!dir.path().join(file::name(first)).exists());
     drop(held);
     // The next drained segment is kept; an idle queue gives its space back.
     release_segment(&log, &locations, first + 1);
-    assert!(dir.path().join(file::SPARE).exists());
+    assert!(dir.path().join(file::spare_name(first + 1)).exists());
     log.drop_spare();
-    assert!(!dir.path().join(file::SPARE).exists());
+    assert_eq!(spares(dir.path()), 0);
+}
+
+/// Spare files in `dir`.
+fn spares(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter(|e| {
+            let name = e.as_ref().expect("entry").file_name();
+            name.to_string_lossy().starts_with("spare-")
+        })
+        .count()
+}
+
+#[test]
+fn a_segment_retired_while_a_spare_is_being_reused_keeps_its_own_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _, _) = reopen(dir.path(), |_| true);
+    let locations = append(&log, 0..600, 300, 20);
+    let first = locations[0].segment;
+    release_segment(&log, &locations, first);
+    // The next segment takes the spare, as the writer does before its header is
+    // written; meanwhile the uplink drains another segment.
+    let taken = super::lock(&log.spare).take().expect("a spare");
+    release_segment(&log, &locations, first + 1);
+    let number = locations[599].segment + 1;
+    file::reuse(dir.path(), &taken.file, first, number, 64 << 10).expect("reuse");
+    let header = std::fs::read(dir.path().join(file::name(number))).expect("read");
+    assert_eq!(
+        &header[8..16],
+        &[number.to_be_bytes(), first.to_be_bytes()].concat()[..]
+    );
+    assert!(
+        dir.path().join(file::spare_name(first + 1)).exists(),
+        "the second spare is still there, under its own name"
+    );
 }
 
 #[test]
@@ -389,11 +424,11 @@ fn segments_of_format_1_are_still_read() {
     }
     std::fs::write(dir.path().join(file::name(3)), &bytes).expect("write");
     // A spare left by a crash is removed at open.
-    std::fs::write(dir.path().join(file::SPARE), b"BGQSEG02 leftover").expect("write");
+    std::fs::write(dir.path().join(file::spare_name(2)), b"BGQSEG02 leftover").expect("write");
     let (log, kept, report) = reopen(dir.path(), |_| true);
     assert_eq!(kept, (0..5).collect::<Vec<_>>());
     assert!(report.damaged.is_empty() && report.torn_tail.is_none());
-    assert!(!dir.path().join(file::SPARE).exists());
+    assert_eq!(spares(dir.path()), 0);
     let at = Location {
         segment: 3,
         offset: u32::try_from(HEADER_LEN).expect("small"),
