@@ -18,8 +18,8 @@
 //! allocated: on ext4 that cut the CPU cost of a small append's sync by a third (57 to
 //! 38 µs here). A segment closed for writing is cut to its frames.
 //!
-//! A drained segment's file may be kept as the [`SPARE`] and become the next segment
-//! ([`reuse`]): its blocks are allocated and its pages are likely still in the page
+//! A drained segment's file may be kept as a spare ([`spare_name`]) and become the next
+//! segment ([`reuse`]): its blocks are allocated and its pages are likely still in the page
 //! cache, so appends overwrite them instead of allocating both (at 16 KiB per record,
 //! about half the CPU of a write with its share of the sync). What follows the new
 //! segment's frames is then the old segment's frames, not zeros; their seed is the old
@@ -99,15 +99,14 @@ pub(super) struct Header {
     pub(super) reused: bool,
 }
 
-/// Reads the header of segment `number`. A format 1 header seeds with 0; anything
-/// else is read as format 2 of `number` (a damaged header does not make the frames
-/// unreadable; the file name still gives the number).
+/// Reads the header of segment `number`, `len` bytes long. A format 1 header seeds
+/// with 0; anything else is read as format 2 of `number` (a damaged header does not
+/// make the frames unreadable; the file name still gives the number).
 ///
 /// # Errors
 /// The OS error of the read.
-pub(super) fn read_header(file: &File, number: u32) -> io::Result<Header> {
+pub(super) fn read_header(file: &File, number: u32, len: u64) -> io::Result<Header> {
     let mut bytes = [0; HEADER_LEN as usize];
-    let len = file.metadata()?.len();
     if len >= HEADER_LEN {
         file.read_exact_at(&mut bytes, 0)?;
     }
@@ -138,16 +137,20 @@ pub(super) fn create(dir: &Path, number: u32, size: u64) -> io::Result<File> {
         .create_new(true)
         .mode(0o600)
         .open(&path)?;
-    let made = file
-        .write_all_at(&header(number, 0), 0)
-        .and_then(|()| file.set_len(size.max(HEADER_LEN)))
-        .and_then(|()| file.sync_all())
-        .and_then(|()| sync_dir(dir));
+    let made = prepare(&file, number, 0, size).and_then(|()| sync_dir(dir));
     if let Err(err) = made {
         let _ = std::fs::remove_file(&path);
         return Err(err);
     }
     Ok(file)
+}
+
+/// Writes segment `number`'s header into `file` (segment `previous`'s before, 0: none),
+/// makes it `size` bytes long (at least its header) and syncs both.
+fn prepare(file: &File, number: u32, previous: u32, size: u64) -> io::Result<()> {
+    file.write_all_at(&header(number, previous), 0)?;
+    file.set_len(size.max(HEADER_LEN))?;
+    file.sync_all()
 }
 
 /// Makes `spare` (segment `previous` before, at [`spare_name`]) segment `number`,
@@ -166,11 +169,8 @@ pub(super) fn reuse(
 ) -> io::Result<()> {
     let spare_path = dir.join(spare_name(previous));
     let path = dir.join(name(number));
-    let renamed = spare
-        .write_all_at(&header(number, previous), 0)
-        .and_then(|()| spare.set_len(size.max(HEADER_LEN)))
-        .and_then(|()| spare.sync_all())
-        .and_then(|()| std::fs::rename(&spare_path, &path));
+    let renamed =
+        prepare(spare, number, previous, size).and_then(|()| std::fs::rename(&spare_path, &path));
     if let Err(err) = renamed {
         let _ = std::fs::remove_file(&spare_path);
         return Err(err);
@@ -248,16 +248,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let fresh = super::create(dir.path(), 5, 4096).expect("create");
         let expect = |seed, reused| Header { seed, reused };
-        assert_eq!(read_header(&fresh, 5).expect("read"), expect(5, false));
+        let header_of = |file: &std::fs::File, number| {
+            let len = file.metadata().expect("len").len();
+            read_header(file, number, len).expect("read")
+        };
+        assert_eq!(header_of(&fresh, 5), expect(5, false));
         let path = dir.path().join("old");
         let mut old = b"BGQSEG01".to_vec();
         old.extend_from_slice(&9u64.to_be_bytes());
         std::fs::write(&path, &old).expect("write");
         let old = std::fs::File::open(&path).expect("open");
-        assert_eq!(read_header(&old, 9).expect("read"), expect(0, false));
+        assert_eq!(header_of(&old, 9), expect(0, false));
         std::fs::write(&path, [0xEE; 16]).expect("write");
         let damaged = std::fs::File::open(&path).expect("open");
-        assert_eq!(read_header(&damaged, 9).expect("read"), expect(9, false));
+        assert_eq!(header_of(&damaged, 9), expect(9, false));
         let spare_path = dir.path().join(super::spare_name(5));
         let spare = std::fs::OpenOptions::new()
             .read(true)
@@ -267,7 +271,7 @@ mod tests {
             .expect("spare");
         super::reuse(dir.path(), &spare, 5, 6, 4096).expect("reuse");
         assert!(!spare_path.exists());
-        assert_eq!(read_header(&spare, 6).expect("read"), expect(6, true));
+        assert_eq!(header_of(&spare, 6), expect(6, true));
         assert_eq!(spare.metadata().expect("len").len(), 4096);
         // A reuse that fails leaves no file behind: the segment can still be created.
         let spare_path = dir.path().join(super::spare_name(6));

@@ -134,10 +134,9 @@ struct Segment {
 /// The segment appends go to.
 #[derive(Debug)]
 struct Active {
+    /// Its number, also the seed of its frames' CRC (it is always of format 2).
     number: u32,
     file: Arc<File>,
-    /// The seed of its frames' CRC: its number (format 2).
-    seed: u32,
     /// Where the next frame goes.
     len: u64,
     /// The file's size: `len` and the room after it.
@@ -150,7 +149,6 @@ impl Active {
         Self {
             number,
             file,
-            seed: number,
             len: HEADER_LEN,
             file_len: size.max(HEADER_LEN),
         }
@@ -208,7 +206,7 @@ fn scan_segment(
 ) -> io::Result<Scanned> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
-    let header = file::read_header(&file, number)?;
+    let header = file::read_header(&file, number, len)?;
     let mut live = 0;
     let mut frames = 0;
     let mut cut_at = None;
@@ -415,7 +413,7 @@ impl SegmentLog {
         if active.len + len > u64::from(u32::MAX) {
             return Err(too_large("batch"));
         }
-        let batch = Batch::encode(buffer, active.seed, frames);
+        let batch = Batch::encode(buffer, active.number, frames);
         let written = batch
             .write_at(&active.file, active.len)
             .and_then(|()| active.file.sync_data());
@@ -450,12 +448,11 @@ impl SegmentLog {
             },
         );
         self.active_number.store(number, Ordering::Relaxed);
-        if segments.get(&closed).is_some_and(|s| s.live == 0) {
-            let segment = segments.remove(&closed);
+        if segments.get(&closed).is_some_and(|s| s.live == 0)
+            && let Some(segment) = segments.remove(&closed)
+        {
             drop(segments);
-            if let Some(segment) = segment {
-                self.retire(closed, segment);
-            }
+            self.retire(closed, segment);
         }
         Ok(())
     }
@@ -524,12 +521,12 @@ impl SegmentLog {
             return;
         };
         segment.live = segment.live.saturating_sub(1);
-        if segment.live == 0 && at.segment != active {
-            let segment = segments.remove(&at.segment);
+        if segment.live == 0
+            && at.segment != active
+            && let Some(segment) = segments.remove(&at.segment)
+        {
             drop(segments);
-            if let Some(segment) = segment {
-                self.retire(at.segment, segment);
-            }
+            self.retire(at.segment, segment);
         }
     }
 
