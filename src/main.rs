@@ -4,6 +4,8 @@
 //! status a subcommand chose ([`blindgate::cli::ExitStatus`], e.g. `check-config`: 1
 //! errors found, 2 file unreadable); 2 bad usage (clap).
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

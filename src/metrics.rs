@@ -244,7 +244,7 @@ pub struct Metrics {
     pub queue_records: IntGauge,
     /// Bytes of records in the queue (what the caps count).
     pub queue_bytes: IntGauge,
-    /// sled's files on disk.
+    /// Bytes of the queue's files on disk (segments, the spare, its state).
     pub queue_disk_bytes: IntGauge,
     /// Devices with records in the queue.
     pub queue_devices: IntGauge,
@@ -268,6 +268,8 @@ pub struct Metrics {
     pub queue_max_bytes: IntGauge,
     /// Uplink connection attempts that failed, and connections lost, by reason.
     pub uplink_connection_failures: UplinkFailures,
+    /// Resident bytes the daemon's heap trimmer gave back to the kernel.
+    pub heap_returned_bytes: IntCounter,
     /// 1 when `/readyz` says ready, else 0 (updated at each scrape).
     pub ready: IntGauge,
     /// notAfter of each certificate in use, by role and position in its file.
@@ -431,6 +433,11 @@ impl Metrics {
                 "reason",
                 &uplink_failures,
             )),
+            heap_returned_bytes: counter(
+                "heap_returned_bytes_total",
+                "Resident bytes given back to the kernel by the daemon's heap trimmer \
+                 (freed memory the allocator had kept, every 10 s).",
+            ),
             ready: gauge(
                 "ready",
                 "1 when forwarding works (the same verdict as /readyz), else 0.",

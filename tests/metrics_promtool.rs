@@ -57,6 +57,7 @@ const GATEWAY_FAMILIES: &[(&str, &str)] = &[
     ("blindgate_certificate_not_after_timestamp_seconds", "gauge"),
     ("blindgate_reloads_total", "counter"),
     ("blindgate_config_restart_pending", "gauge"),
+    ("blindgate_heap_returned_bytes_total", "counter"),
     ("blindgate_ready", "gauge"),
     ("process_cpu_seconds_total", "counter"),
     ("process_resident_memory_bytes", "gauge"),

@@ -35,6 +35,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 // Parsing untrusted bytes must never panic: no unchecked indexing outside tests.
 #![cfg_attr(not(test), deny(clippy::indexing_slicing))]

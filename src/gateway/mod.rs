@@ -8,6 +8,7 @@
 
 pub mod certificates;
 mod health;
+mod heap;
 mod plan;
 mod reload;
 mod service;

@@ -42,6 +42,7 @@ pub async fn run_service(
     };
     let gateway = Gateway::start_with(plan, websocket).await?;
     let mut reloader = Reloader::new(path, config, &gateway);
+    super::heap::spawn_trimmer(gateway.metrics().clone());
     notifier.ready(&status_line(&gateway));
 
     let mut watchdog = interval(

@@ -44,6 +44,8 @@
 //! - The power cut of the machine: processes keep running until the test kills them;
 //!   after [`PowerCutFs::cut_power`] their file operations fail with `EIO`.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, FileTimes, OpenOptions};
