@@ -95,10 +95,11 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// The server echoes `total` bytes, reading in small pieces as a session's first
-/// reads do.
-async fn echo(server: &mut TlsServerStream, total: usize) -> io::Result<()> {
-    let mut buf = [0u8; 512];
+/// The server echoes `total` bytes, reading `read_size` at most at a time: small
+/// pieces as a session's first reads do (most of a record waits in the stream), or
+/// more than a record (records are decrypted straight into the reader's buffer).
+async fn echo(server: &mut TlsServerStream, total: usize, read_size: usize) -> io::Result<()> {
+    let mut buf = vec![0u8; read_size];
     let mut done = 0;
     while done < total {
         let n = server.read(&mut buf).await?;
@@ -117,10 +118,12 @@ async fn data_of_every_size_crosses_both_ways_intact() {
     let run = async {
         let (mut server, client, _configs) = pair().await;
         let (mut rd, mut wr) = tokio::io::split(client);
-        for (i, len) in [1, 100, 16_383, 16_384, 16_385, 100_000, 300_001]
-            .into_iter()
-            .enumerate()
-        {
+        let lens = [1, 100, 16_383, 16_384, 16_385, 100_000, 300_001];
+        let reads = [512, 5000, 70_000];
+        let cases = reads
+            .iter()
+            .flat_map(|&r| lens.iter().map(move |&len| (r, len)));
+        for (i, (read_size, len)) in cases.enumerate() {
             let sent = pattern(len, i as u8);
             let to_send = sent.clone();
             let writer = tokio::spawn(async move {
@@ -128,7 +131,7 @@ async fn data_of_every_size_crosses_both_ways_intact() {
                 wr.flush().await.expect("client flushes");
                 wr
             });
-            let (echoed, mut back) = tokio::join!(echo(&mut server, len), async {
+            let (echoed, mut back) = tokio::join!(echo(&mut server, len, read_size), async {
                 let mut back = vec![0u8; len];
                 rd.read_exact(&mut back).await.map(|_| back)
             });
@@ -136,7 +139,7 @@ async fn data_of_every_size_crosses_both_ways_intact() {
             wr = writer.await.expect("writer");
             assert!(
                 back.as_mut().expect("client reads the echo") == &sent,
-                "{len} bytes"
+                "{len} bytes, read {read_size} at a time"
             );
         }
     };
@@ -156,7 +159,9 @@ async fn data_keeps_flowing_after_the_client_updates_its_keys() {
             let sent = pattern(40_000, round);
             client.write_all(&sent).await.expect("client writes");
             client.flush().await.expect("client flushes");
-            echo(&mut server, sent.len()).await.expect("server echoes");
+            echo(&mut server, sent.len(), 512)
+                .await
+                .expect("server echoes");
             let mut back = vec![0u8; sent.len()];
             client.read_exact(&mut back).await.expect("client reads");
             assert!(back == sent, "round {round}");
@@ -206,7 +211,7 @@ async fn a_connection_waiting_for_data_holds_no_buffer() {
         let sent = pattern(70_000, 7);
         client.write_all(&sent).await.expect("write");
         client.flush().await.expect("flush");
-        echo(&mut server, sent.len()).await.expect("echo");
+        echo(&mut server, sent.len(), 512).await.expect("echo");
         let mut back = vec![0u8; sent.len()];
         client.read_exact(&mut back).await.expect("read");
         // The next read finds nothing and waits: the buffers go back.

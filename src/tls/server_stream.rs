@@ -6,7 +6,9 @@
 //! 32. [`TlsServerStream`] drives an `UnbufferedServerConnection` over a tokio
 //! [`TcpStream`] itself. Its ciphertext, plaintext and outgoing buffers grow while data
 //! flows and are given back once they are empty and the connection waits, so an idle
-//! connection holds only rustls's connection state.
+//! connection holds only rustls's connection state. Records are decrypted in place and
+//! copied once, straight into the reader's buffer; only what does not fit there waits
+//! in the plaintext buffer for the next read.
 //!
 //! Behaviour matches `tokio-rustls`: [`TlsServerStream::accept`] returns once the
 //! handshake is complete (client certificate verified); a peer that closes TCP without
@@ -109,7 +111,7 @@ impl TlsServerStream {
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let step = match self.process(None) {
+            let step = match self.process(None, None) {
                 Ok((step, _)) => step,
                 Err(err) => {
                     // Best effort: the alert rustls queued goes out if the socket takes it.
@@ -134,18 +136,23 @@ impl TlsServerStream {
     }
 
     /// Processes the ciphertext read so far until the connection needs more input or
-    /// is idle: decrypted data goes to `plaintext`, records to send to `outgoing`.
-    /// Once application data may be sent, encrypts `send` into `outgoing`; the flag
-    /// says whether that happened. After an error, every call fails, and `outgoing`
-    /// holds the alert rustls chose, for the caller to send if the socket takes it.
-    fn process(&mut self, send: Option<Encrypt<'_>>) -> io::Result<(Step, bool)> {
+    /// is idle: decrypted data goes straight into `read_into` as far as it has room,
+    /// the rest to `plaintext`; records to send go to `outgoing`. Once application data
+    /// may be sent, encrypts `send` into `outgoing`; the flag says whether that
+    /// happened. After an error, every call fails, and `outgoing` holds the alert rustls
+    /// chose, for the caller to send if the socket takes it.
+    fn process(
+        &mut self,
+        send: Option<Encrypt<'_>>,
+        read_into: Option<&mut ReadBuf<'_>>,
+    ) -> io::Result<(Step, bool)> {
         if self.failed {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "the TLS connection failed earlier",
             ));
         }
-        let processed = self.process_records(send);
+        let processed = self.process_records(send, read_into);
         if processed.is_err() {
             self.failed = true;
             self.encode_alert();
@@ -171,7 +178,11 @@ impl TlsServerStream {
         }
     }
 
-    fn process_records(&mut self, mut send: Option<Encrypt<'_>>) -> io::Result<(Step, bool)> {
+    fn process_records(
+        &mut self,
+        mut send: Option<Encrypt<'_>>,
+        mut read_into: Option<&mut ReadBuf<'_>>,
+    ) -> io::Result<(Step, bool)> {
         loop {
             let status = self.conn.process_tls_records(self.incoming.unprocessed());
             let discard = status.discard;
@@ -186,7 +197,11 @@ impl TlsServerStream {
                 ConnectionState::ReadTraffic(mut traffic) => {
                     while let Some(record) = traffic.next_record() {
                         let record = record.map_err(invalid_data)?;
-                        self.plaintext.extend_from_slice(record.payload);
+                        deliver(
+                            record.payload,
+                            read_into.as_deref_mut(),
+                            &mut self.plaintext,
+                        );
                     }
                     None
                 }
@@ -371,13 +386,17 @@ impl AsyncRead for TlsServerStream {
             if this.peer_closed {
                 return Poll::Ready(Ok(()));
             }
-            let processed = this.process(None);
+            let before = buf.filled().len();
+            let processed = this.process(None, Some(buf));
             // What rustls sends by itself (a KeyUpdate's answer, an alert) goes out now
             // if the socket takes it, else with the next write or flush.
             let written = this.poll_write_out(cx);
             let (step, _) = processed?;
             if let Poll::Ready(Err(err)) = written {
                 return Poll::Ready(Err(err));
+            }
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
             }
             if this.plain_at < this.plaintext.len() || this.peer_closed {
                 continue;
@@ -406,7 +425,7 @@ impl AsyncWrite for TlsServerStream {
             ready!(this.poll_write_out(cx))?;
         }
         let data = &buf[..buf.len().min(WRITE_SIZE)];
-        match this.process(Some(Encrypt::Data(data)))? {
+        match this.process(Some(Encrypt::Data(data)), None)? {
             (_, true) => Poll::Ready(Ok(data.len())),
             (_, false) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
@@ -422,11 +441,23 @@ impl AsyncWrite for TlsServerStream {
         let this = self.get_mut();
         if !this.close_sent {
             this.close_sent = true;
-            this.process(Some(Encrypt::CloseNotify))?;
+            this.process(Some(Encrypt::CloseNotify), None)?;
         }
         ready!(this.poll_write_out(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
+}
+
+/// Hands decrypted `data` to the reader: into `read_into` as far as it has room (one
+/// copy, from the record decrypted in place), the rest to `spill`, which is read first
+/// next time. Once something spilled, the reader's room is full, so the order holds.
+fn deliver(data: &[u8], read_into: Option<&mut ReadBuf<'_>>, spill: &mut Vec<u8>) {
+    let direct = read_into.map_or(0, |buf| {
+        let n = buf.remaining().min(data.len());
+        buf.put_slice(&data[..n]);
+        n
+    });
+    spill.extend_from_slice(&data[direct..]);
 }
 
 /// Appends what `encode` writes to `out`, first offering `guess` bytes of room, then
