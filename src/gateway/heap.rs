@@ -56,11 +56,13 @@ fn trim_once(metrics: &Metrics) {
     );
 }
 
-/// Resident bytes of this process (`/proc/self/statm`, second field, in pages).
+/// Resident bytes of this process (`VmRSS` in `/proc/self/status`, in KiB there, so
+/// that the page size, 16 KiB on some ARM kernels, does not matter).
 fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// `malloc_trim(0)`: true if it gave memory back.
