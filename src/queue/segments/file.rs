@@ -52,6 +52,11 @@ pub(super) fn spare_name(number: u32) -> String {
     format!("{SPARE_PREFIX}{number:016x}")
 }
 
+/// Whether `file_name` is a spare's (see [`spare_name`]).
+pub(super) fn is_spare(file_name: &str) -> bool {
+    file_name.starts_with(SPARE_PREFIX)
+}
+
 /// Removes every spare in `dir` (at open: left by the last run, or by a crash during a
 /// reuse).
 ///
@@ -60,11 +65,7 @@ pub(super) fn spare_name(number: u32) -> String {
 pub(super) fn remove_spares(dir: &Path) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(SPARE_PREFIX)
-        {
+        if is_spare(&entry.file_name().to_string_lossy()) {
             std::fs::remove_file(entry.path())?;
         }
     }
@@ -282,5 +283,6 @@ mod tests {
         super::create(dir.path(), 7, 4096).expect("created new");
         assert_eq!(super::spare_name(6), "spare-0000000000000006");
         assert_eq!(number_of(&super::spare_name(6)), None, "not a segment");
+        assert!(super::is_spare(&super::spare_name(6)) && !super::is_spare(&name(6)));
     }
 }

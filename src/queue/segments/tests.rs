@@ -383,10 +383,7 @@ fn a_segment_still_being_read_is_deleted_not_reused() {
 fn spares(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .expect("read dir")
-        .filter(|e| {
-            let name = e.as_ref().expect("entry").file_name();
-            name.to_string_lossy().starts_with("spare-")
-        })
+        .filter(|e| file::is_spare(&e.as_ref().expect("entry").file_name().to_string_lossy()))
         .count()
 }
 
