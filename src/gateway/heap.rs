@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::metrics::Metrics;
 
 /// How often the free pages are returned.
-pub(super) const PERIOD: Duration = Duration::from_secs(10);
+const PERIOD: Duration = Duration::from_secs(10);
 
 /// Starts the thread that returns the heap's free pages every [`PERIOD`] for the life of
 /// the process. Does nothing where the C library has no `malloc_trim`.
@@ -96,9 +96,9 @@ mod tests {
             pins.push(vec![1_u8; 1024]);
         }
         drop(buffers);
-        let before = resident_bytes().expect("statm");
+        let before = resident_bytes().expect("VmRSS");
         trim_once(&metrics);
-        let after = resident_bytes().expect("statm");
+        let after = resident_bytes().expect("VmRSS");
         assert!(
             after + 32 * 1024 * 1024 < before,
             "resident {} KiB before the trim, {} KiB after",
